@@ -1,0 +1,211 @@
+"""The record layout shared by every stage: an in-memory :class:`ImageSet` and its Parquet schema.
+
+One row per 2D image or 3D volume. Arrays are stored as raw little-endian bytes with their
+spatial shape beside them, so the files are plain Parquet that any Arrow reader can open.
+
+``data.parquet`` (prepared real data) columns:
+
+========== ================= ==============================================================
+column     type              meaning
+========== ================= ==============================================================
+id         string            unique record id (``s0042``; ``s0042_z03`` for a NIfTI slice)
+subject    string            the scan/volume the record came from; splits keep it whole
+label      int32             class index into ``fingerprint.json``'s ``class_names``
+image      binary            float32 C-order intensities in [-1, 1], shape = ``shape``
+mask       binary (null)     uint8 label map, same shape (segmentation only)
+shape      list<int32>       spatial shape: ``[H, W]`` or ``[D, H, W]``
+spacing    list<float32>     voxel size in mm per spatial axis
+========== ================= ==============================================================
+
+Synthetic shards (``part-*.parquet``) carry the same columns plus provenance:
+``fold`` (int32), ``generator_id`` (string), ``seed`` (int64), ``sampler`` (string),
+``steps`` (int32) and ``checksum`` (sha256 of image and mask bytes). Synthetic ``subject`` is
+``synthetic``: no source identifier ever reaches a synthetic file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+IMAGE_DTYPE = np.dtype("<f4")
+MASK_DTYPE = np.dtype("u1")
+
+REAL_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("subject", pa.string(), nullable=False),
+        pa.field("label", pa.int32(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("mask", pa.binary(), nullable=True),
+        pa.field("shape", pa.list_(pa.int32()), nullable=False),
+        pa.field("spacing", pa.list_(pa.float32()), nullable=False),
+    ]
+)
+
+PROVENANCE_FIELDS = [
+    pa.field("fold", pa.int32(), nullable=False),
+    pa.field("generator_id", pa.string(), nullable=False),
+    pa.field("seed", pa.int64(), nullable=False),
+    pa.field("sampler", pa.string(), nullable=False),
+    pa.field("steps", pa.int32(), nullable=False),
+    pa.field("checksum", pa.string(), nullable=False),
+]
+SYNTHETIC_SCHEMA = pa.schema(list(REAL_SCHEMA) + PROVENANCE_FIELDS)
+
+
+@dataclass
+class ImageSet:
+    """A batch of records in memory.
+
+    Shapes: ``images`` is ``(N, *spatial)`` float32 in [-1, 1]; ``masks`` is ``(N, *spatial)``
+    uint8 or None; ``labels`` is ``(N,)`` int64.
+    """
+
+    ids: list[str]
+    subjects: list[str]
+    labels: np.ndarray
+    images: np.ndarray
+    masks: Optional[np.ndarray] = None
+    spacing: tuple[float, ...] = ()
+    extra: dict[str, list] = field(default_factory=dict)
+    """Extra per-record columns (synthetic provenance), each a list of length N."""
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if len(self.subjects) != n or len(self.labels) != n or len(self.images) != n:
+            raise ValueError(
+                f"ImageSet: ids ({n}), subjects ({len(self.subjects)}), labels ({len(self.labels)}) "
+                f"and images ({len(self.images)}) must have one entry per record"
+            )
+        if self.masks is not None and self.masks.shape != self.images.shape:
+            raise ValueError(f"ImageSet: masks shape {self.masks.shape} differs from images shape {self.images.shape}")
+        if not self.spacing:
+            self.spacing = (1.0,) * (self.images.ndim - 1)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def dims(self) -> int:
+        return self.images.ndim - 1
+
+    def select(self, index: Sequence[int] | np.ndarray) -> "ImageSet":
+        idx = np.asarray(index, dtype=np.int64)
+        return ImageSet(
+            ids=[self.ids[i] for i in idx],
+            subjects=[self.subjects[i] for i in idx],
+            labels=self.labels[idx],
+            images=self.images[idx],
+            masks=None if self.masks is None else self.masks[idx],
+            spacing=self.spacing,
+            extra={k: [v[i] for i in idx] for k, v in self.extra.items()},
+        )
+
+    def subset_ids(self, ids: Sequence[str]) -> "ImageSet":
+        pos = {rid: i for i, rid in enumerate(self.ids)}
+        missing = [rid for rid in ids if rid not in pos]
+        if missing:
+            raise KeyError(f"{len(missing)} ids not in this ImageSet, e.g. {missing[:3]}")
+        return self.select([pos[rid] for rid in ids])
+
+    @staticmethod
+    def concat(parts: Sequence["ImageSet"]) -> "ImageSet":
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            raise ValueError("ImageSet.concat: nothing to concatenate")
+        with_masks = [p.masks is not None for p in parts]
+        if any(with_masks) and not all(with_masks):
+            raise ValueError("ImageSet.concat: some parts have masks and some do not")
+        keys = set(parts[0].extra)
+        return ImageSet(
+            ids=[i for p in parts for i in p.ids],
+            subjects=[s for p in parts for s in p.subjects],
+            labels=np.concatenate([p.labels for p in parts]),
+            images=np.concatenate([p.images for p in parts]),
+            masks=np.concatenate([p.masks for p in parts]) if all(with_masks) else None,
+            spacing=parts[0].spacing,
+            extra={k: [x for p in parts for x in p.extra.get(k, [])] for k in keys if all(k in p.extra for p in parts)},
+        )
+
+
+def checksum(image: np.ndarray, mask: Optional[np.ndarray] = None) -> str:
+    h = hashlib.sha256(np.ascontiguousarray(image, dtype=IMAGE_DTYPE).tobytes())
+    if mask is not None:
+        h.update(np.ascontiguousarray(mask, dtype=MASK_DTYPE).tobytes())
+    return h.hexdigest()
+
+
+def to_table(data: ImageSet, schema: pa.Schema = REAL_SCHEMA) -> pa.Table:
+    shape = list(data.spatial_shape)
+    cols = {
+        "id": data.ids,
+        "subject": data.subjects,
+        "label": np.asarray(data.labels, dtype=np.int32),
+        "image": [np.ascontiguousarray(a, dtype=IMAGE_DTYPE).tobytes() for a in data.images],
+        "mask": [None] * len(data)
+        if data.masks is None
+        else [np.ascontiguousarray(m, dtype=MASK_DTYPE).tobytes() for m in data.masks],
+        "shape": [shape] * len(data),
+        "spacing": [list(map(float, data.spacing))] * len(data),
+    }
+    for f in schema:
+        if f.name not in cols:
+            if f.name not in data.extra:
+                raise ValueError(f"to_table: column {f.name!r} is required by the schema but missing")
+            cols[f.name] = data.extra[f.name]
+    return pa.table({f.name: pa.array(cols[f.name], type=f.type) for f in schema}, schema=schema)
+
+
+def from_table(table: pa.Table) -> ImageSet:
+    if table.num_rows == 0:
+        raise ValueError("from_table: the table has no rows")
+    shapes = table.column("shape").to_pylist()
+    shape = tuple(shapes[0])
+    if any(tuple(s) != shape for s in shapes):
+        raise ValueError("from_table: records of different shapes cannot form one ImageSet")
+    images = np.stack([np.frombuffer(b, dtype=IMAGE_DTYPE).reshape(shape) for b in table.column("image").to_pylist()])
+    raw_masks = table.column("mask").to_pylist()
+    masks = None
+    if any(m is not None for m in raw_masks):
+        if any(m is None for m in raw_masks):
+            raise ValueError("from_table: some records have masks and some do not")
+        masks = np.stack([np.frombuffer(m, dtype=MASK_DTYPE).reshape(shape) for m in raw_masks])
+    base = {f.name for f in REAL_SCHEMA}
+    extra = {name: table.column(name).to_pylist() for name in table.column_names if name not in base}
+    return ImageSet(
+        ids=table.column("id").to_pylist(),
+        subjects=table.column("subject").to_pylist(),
+        labels=np.asarray(table.column("label").to_numpy(), dtype=np.int64),
+        images=images.astype(np.float32, copy=True),
+        masks=None if masks is None else masks.copy(),
+        spacing=tuple(table.column("spacing")[0].as_py()),
+        extra=extra,
+    )
+
+
+def write_parquet(data: ImageSet, path: str | Path, schema: pa.Schema = REAL_SCHEMA) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(to_table(data, schema), tmp, compression="zstd")
+    tmp.replace(path)
+
+
+def read_parquet(path: str | Path | Sequence[str | Path]) -> ImageSet:
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if not paths:
+        raise ValueError("read_parquet: no files given")
+    tables = [pq.read_table(p) for p in paths]
+    return from_table(pa.concat_tables(tables, promote_options="default"))
