@@ -332,6 +332,11 @@ def from_dict(raw: dict[str, Any]) -> Config:
     return _build(Config, raw, "")
 
 
+def section_from_dict(cls: type, raw: dict[str, Any], path: str = "") -> Any:
+    """Rebuild one config section (e.g. the DiffusionConfig saved beside a checkpoint), type-checked."""
+    return _build(cls, raw, path)
+
+
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in extra.items():

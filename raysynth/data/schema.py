@@ -19,7 +19,8 @@ spacing    list<float32>     voxel size in mm per spatial axis
 
 Synthetic shards (``part-*.parquet``) carry the same columns plus provenance:
 ``fold`` (int32), ``generator_id`` (string), ``seed`` (int64), ``sampler`` (string),
-``steps`` (int32) and ``checksum`` (sha256 of image and mask bytes). Synthetic ``subject`` is
+``steps`` (int32), ``checksum`` (sha256 of image and mask bytes) and ``path`` (the sample's
+NIfTI file relative to the shard folder, 3D only; else null). Synthetic ``subject`` is
 ``synthetic``: no source identifier ever reaches a synthetic file.
 """
 
@@ -56,6 +57,7 @@ PROVENANCE_FIELDS = [
     pa.field("sampler", pa.string(), nullable=False),
     pa.field("steps", pa.int32(), nullable=False),
     pa.field("checksum", pa.string(), nullable=False),
+    pa.field("path", pa.string(), nullable=True),
 ]
 SYNTHETIC_SCHEMA = pa.schema(list(REAL_SCHEMA) + PROVENANCE_FIELDS)
 

@@ -1,0 +1,112 @@
+"""``raysynth``: thin command wrappers over the stages. All logic lives in the library modules."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Optional, Sequence
+
+from raysynth.config import ConfigError, load_config, preset_names
+from raysynth.errors import PrivacyGateError, RaysynthError
+from raysynth.layout import Layout
+
+log = logging.getLogger("raysynth")
+
+COMMANDS = {
+    "config": "print the fully resolved config as YAML",
+    "prepare": "preprocess real scans: data.parquet, fingerprint.json, splits.json",
+    "train": "train one DDPM per fold with Ray Train",
+    "sample": "sample synthetic shards per fold with Ray Data",
+    "quality": "fidelity, diversity and the memorisation (privacy) gate",
+    "study": "Ray Tune grid: arm x fold x seed of downstream CNNs",
+    "report": "paired statistics, figures, report.json and report.md",
+    "pipeline": "all stages, skipping finished work",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raysynth", description="Synthetic MRI with diffusion models on Ray.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", metavar="FILE.yaml", help="a YAML config (merged over the preset)")
+        p.add_argument("--preset", default="default", choices=preset_names(), help="base settings (default: default)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.SUB=VALUE",
+                       help="override one config value; repeatable (e.g. --set sampling.ratio=2)")
+        p.add_argument("--data", metavar="PATH", help="class-folder image set or NIfTI folder; default: embedded cohort")
+        p.add_argument("--dims", type=int, choices=(2, 3), help="2D images or 3D volumes (data.dims)")
+        p.add_argument("--task", choices=("classification", "segmentation"), help="downstream task (data.task)")
+        if name != "config":
+            p.add_argument("--out", metavar="DIR", help="output root (default: runs/<preset>)")
+            p.add_argument("--force", action="store_true", help="redo the stage even if its artifact is complete")
+            p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+        if name in ("train", "sample"):
+            p.add_argument("--folds", type=int, nargs="+", metavar="K", help="only these folds")
+        if name == "sample":
+            p.add_argument("--num-samples", type=int, metavar="N",
+                           help="synthetic samples per fold (grows or shrinks an existing set; overrides the ratio)")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace):
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.insert(0, f"data.source={args.data}")
+    if args.dims is not None:
+        overrides.insert(0, f"data.dims={args.dims}")
+    if args.task is not None:
+        overrides.insert(0, f"data.task={args.task}")
+    return load_config(args.preset, args.config, overrides)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = resolve_config(args)
+        if args.command == "config":
+            sys.stdout.write(cfg.to_yaml())
+            return 0
+        layout = Layout.at(args.out or f"runs/{args.preset}")
+        return _run(args, cfg, layout)
+    except (ConfigError, RaysynthError) as exc:
+        print(f"raysynth: error: {exc}", file=sys.stderr)
+        return 3 if isinstance(exc, PrivacyGateError) else 2
+    except KeyboardInterrupt:
+        print("raysynth: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace, cfg, layout: Layout) -> int:
+    from raysynth.pipeline import run_pipeline, run_stage
+    from raysynth.quality.stage import raise_if_failed
+    from raysynth.study.report import summary_lines
+
+    t0 = time.time()
+    if args.command == "pipeline":
+        result = run_pipeline(cfg, layout, force=args.force)
+        print(f"\nraysynth pipeline finished in {time.time() - t0:.0f}s; report: {layout.report / 'report.md'}")
+        for line in summary_lines(result["report"]):
+            print("  " + line)
+        raise_if_failed(result["quality"])
+        return 0
+    result = run_stage(args.command, cfg, layout, force=args.force, folds=getattr(args, "folds", None),
+                       num_samples=getattr(args, "num_samples", None))
+    if args.command == "report":
+        for line in summary_lines(result):
+            print("  " + line)
+    if args.command == "quality":
+        raise_if_failed(result)
+    print(f"raysynth {args.command} finished in {time.time() - t0:.0f}s; output in {layout.root}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,332 @@
+"""Stage ``sample``: fan sample requests out to model-holding actors with Ray Data, write shards.
+
+Every synthetic sample has a key ``(fold, class c, index j)`` and a seed derived from it, so
+sample j of class c is the same whatever the size of the run: growing a set from N to M
+samples generates only the M - N missing ones, and the first N are untouched.
+
+A *request* is one shard: a contiguous range ``[lo, hi)`` of indices of one class. Requests
+are rows of a Ray Dataset; :class:`ShardSampler` actors (model loaded once in ``__init__``)
+turn each into ``part-c{c}-{lo}-{hi}.parquet`` (plus one ``.nii.gz`` per sample in 3D), written
+atomically (temporary file, then rename), and return only metadata, so the driver's memory stays
+flat however many samples are asked for. A rerun after a crash finds the finished shards by
+name and asks only for the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from raysynth.config import Config, from_dict
+from raysynth.errors import StageError
+from raysynth.layout import Layout, read_json, write_json
+from raysynth.runtime import derive_seed, ensure_ray, set_threads
+
+log = logging.getLogger(__name__)
+
+SHARD_RE = re.compile(r"^part-c(?P<c>\d+)-(?P<lo>\d{7})-(?P<hi>\d{7})\.parquet$")
+
+
+def shard_name(label: int, lo: int, hi: int) -> str:
+    return f"part-c{label}-{lo:07d}-{hi:07d}.parquet"
+
+
+def sample_id(fold: int, label: int, index: int) -> str:
+    return f"syn-f{fold}-c{label}-{index:07d}"
+
+
+def sample_seed(base: int, fold: int, label: int, index: int) -> int:
+    return derive_seed(base, fold, label, index) % 2**63
+
+
+def class_counts(cfg: Config, real_counts: dict[int, int], num_samples: Optional[int]) -> dict[int, int]:
+    """How many synthetic samples each class gets.
+
+    ``balanced``: every class gets ``ratio x`` the largest real class (or an equal share of
+    ``num_samples``), which also rebalances a skewed real set. ``proportional``: each class gets
+    ``ratio x`` its own real count (or its share of ``num_samples``).
+    """
+    classes = sorted(real_counts)
+    total = cfg.sampling.num_samples if num_samples is None else num_samples
+    if cfg.sampling.class_balance == "balanced":
+        if total is None:
+            return {c: int(round(cfg.sampling.ratio * max(real_counts.values()))) for c in classes}
+        base, extra = divmod(total, len(classes))
+        return {c: base + (1 if i < extra else 0) for i, c in enumerate(classes)}
+    n_real = sum(real_counts.values())
+    if total is None:
+        return {c: int(round(cfg.sampling.ratio * real_counts[c])) for c in classes}
+    exact = {c: total * real_counts[c] / n_real for c in classes}
+    counts = {c: int(math.floor(v)) for c, v in exact.items()}
+    for c in sorted(classes, key=lambda c: exact[c] - counts[c], reverse=True)[: total - sum(counts.values())]:
+        counts[c] += 1
+    return counts
+
+
+def existing_shards(folder: Path) -> dict[int, list[tuple[int, int]]]:
+    found: dict[int, list[tuple[int, int]]] = {}
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = SHARD_RE.match(p.name)
+            if m:
+                found.setdefault(int(m["c"]), []).append((int(m["lo"]), int(m["hi"])))
+    return found
+
+
+def plan_requests(counts: dict[int, int], existing: dict[int, list[tuple[int, int]]], shard_size: int) -> list[dict]:
+    """Shards still to write: the indices ``[0, n_c)`` not covered by an existing shard, in
+    ranges of at most ``shard_size`` aligned to multiples of it (so names are reproducible)."""
+    requests = []
+    for c, n in counts.items():
+        covered = np.zeros(n, dtype=bool)
+        for lo, hi in existing.get(c, []):
+            covered[lo:min(hi, n)] = True
+        j = 0
+        while j < n:
+            if covered[j]:
+                j += 1
+                continue
+            end = min(n, (j // shard_size + 1) * shard_size)
+            k = j
+            while k < end and not covered[k]:
+                k += 1
+            requests.append({"label": c, "lo": j, "hi": k})
+            j = k
+    return requests
+
+
+class ShardSampler:
+    """A Ray Data actor: loads one fold's generator once, then writes whole shards.
+
+    ``__call__`` takes a batch of requests (columns ``label``, ``lo``, ``hi``) and returns one
+    metadata row per shard written.
+    """
+
+    def __init__(self, cfg_dict: dict, root: str, fold: int, cpus: float) -> None:
+        import torch
+
+        from raysynth.diffusion.train import load_generator
+
+        set_threads(cpus)
+        self.cfg = from_dict(cfg_dict)
+        self.layout = Layout.at(root)
+        self.fold = fold
+        self.device = "cuda" if torch.cuda.is_available() and self.cfg.sampling.gpus_per_actor > 0 else "cpu"
+        self.model, self.process, self.meta = load_generator(self.layout, fold, device=self.device)
+        if self.device == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last if self.cfg.data.dims == 2 else torch.contiguous_format)
+        self.out = self.layout.synthetic(fold)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        rows: dict[str, list] = {"shard": [], "label": [], "count": [], "seconds": []}
+        for label, lo, hi in zip(batch["label"], batch["lo"], batch["hi"]):
+            t0 = time.time()
+            name = self.write_shard(int(label), int(lo), int(hi))
+            rows["shard"].append(name)
+            rows["label"].append(int(label))
+            rows["count"].append(int(hi - lo))
+            rows["seconds"].append(time.time() - t0)
+        return rows
+
+    def generate(self, label: int, indices: list[int]):
+        """Images ``(n, *S)`` in [-1, 1] and masks ``(n, *S)`` uint8 or None, one seed per sample."""
+        import torch
+
+        from raysynth.diffusion.channels import decode_joint
+
+        s, cfg, meta = self.cfg.sampling, self.cfg, self.meta
+        n_mask = int(meta["num_mask_classes"])
+        channels = 1 + n_mask if n_mask else 1
+        shape = (channels,) + (cfg.data.image_size,) * cfg.data.dims
+        images, masks = [], []
+        for start in range(0, len(indices), s.batch_size):
+            chunk = indices[start:start + s.batch_size]
+            gens = [torch.Generator(device=self.device).manual_seed(sample_seed(s.seed, self.fold, label, j)) for j in chunk]
+            labels = torch.full((len(chunk),), label, dtype=torch.long, device=self.device)
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
+                x = self.process.sample(self.model, labels, shape, s.sampler, s.steps, gens)
+            img, msk = decode_joint(x.float().cpu(), n_mask)
+            images.append(img.numpy())
+            if msk is not None:
+                masks.append(msk.numpy())
+        return np.concatenate(images), (np.concatenate(masks) if masks else None)
+
+    def write_shard(self, label: int, lo: int, hi: int) -> str:
+        from raysynth.data.nifti import write_volume
+        from raysynth.data.schema import SYNTHETIC_SCHEMA, ImageSet, checksum, write_parquet
+
+        indices = list(range(lo, hi))
+        images, masks = self.generate(label, indices)
+        ids = [sample_id(self.fold, label, j) for j in indices]
+        spacing = tuple(self.meta.get("spacing") or (1.0,) * self.cfg.data.dims)
+        paths: list[Optional[str]] = [None] * len(ids)
+        if self.cfg.data.dims == 3 and self.cfg.sampling.write_nifti:
+            for i, sid in enumerate(ids):
+                write_volume(self.out / "nifti" / f"{sid}.nii.gz", images[i], spacing)
+                paths[i] = f"nifti/{sid}.nii.gz"
+                if masks is not None:
+                    write_volume(self.out / "nifti" / f"{sid}_seg.nii.gz", masks[i], spacing, is_mask=True)
+        s = self.cfg.sampling
+        data = ImageSet(
+            ids=ids, subjects=["synthetic"] * len(ids), labels=np.full(len(ids), label, dtype=np.int64),
+            images=images.astype(np.float32), masks=masks, spacing=spacing,
+            extra={
+                "fold": [self.fold] * len(ids),
+                "generator_id": [self.meta["generator_id"]] * len(ids),
+                "seed": [sample_seed(s.seed, self.fold, label, j) for j in indices],
+                "sampler": [s.sampler] * len(ids),
+                "steps": [s.steps] * len(ids),
+                "checksum": [checksum(images[i], None if masks is None else masks[i]) for i in range(len(ids))],
+                "path": paths,
+            },
+        )
+        name = shard_name(label, lo, hi)
+        write_parquet(data, self.out / name, schema=SYNTHETIC_SCHEMA)  # atomic: tmp + rename
+        return name
+
+
+def sample_synthetic(
+    cfg: Config, layout: Layout, folds: Optional[list[int]] = None, num_samples: Optional[int] = None,
+    force: bool = False,
+) -> list[dict[str, Any]]:
+    """Sample every requested fold's synthetic set (only what is missing). Returns the manifests."""
+    from raysynth.data.prepare import load_prepared
+
+    records, fingerprint, splits = load_prepared(layout)
+    wanted = [f["fold"] for f in splits] if folds is None else folds
+    manifests = []
+    for k in wanted:
+        meta_path = layout.ddpm(k) / "config.json"
+        if not meta_path.is_file():
+            raise StageError(f"sample: fold {k} has no trained generator at {layout.ddpm(k)}; run `raysynth train` first")
+        meta = read_json(meta_path)
+        out = layout.synthetic(k)
+        manifest_path = out / "manifest.json"
+        stale = manifest_path.is_file() and (read_json(manifest_path).get("generator_id") != meta["generator_id"]
+                                             or read_json(manifest_path).get("sampling_digest") != _sampling_digest(cfg))
+        if force or stale:
+            if stale:
+                log.info("sample: fold %d: generator or sampling config changed, regenerating", k)
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        train_ids = read_json(layout.ddpm(k) / "train_ids.json")["train_ids"]
+        labels_by_id = dict(zip(records.ids, records.labels.tolist()))
+        real_counts = {c: 0 for c in range(int(fingerprint["num_classes"]))}
+        for rid in train_ids:
+            real_counts[labels_by_id[rid]] += 1
+        counts = class_counts(cfg, real_counts, num_samples)
+        requests = plan_requests(counts, existing_shards(out), cfg.sampling.shard_size)
+        if requests:
+            _run_requests(cfg, layout, k, requests)
+        else:
+            log.info("sample: fold %d is up to date (%d samples)", k, sum(counts.values()))
+        manifests.append(_write_manifest(cfg, layout, k, meta, counts, fingerprint))
+    return manifests
+
+
+def _sampling_digest(cfg: Config) -> str:
+    # Size fields are excluded on purpose: changing the count grows or shrinks the set in place.
+    s = cfg.sampling
+    return Config(sampling=type(s)(sampler=s.sampler, steps=s.steps, seed=s.seed)).section_digest("sampling")
+
+
+def _run_requests(cfg: Config, layout: Layout, fold: int, requests: list[dict]) -> None:
+    import ray
+
+    ensure_ray(cfg)
+    s = cfg.sampling
+    total = sum(r["hi"] - r["lo"] for r in requests)
+    layout.synthetic(fold).mkdir(parents=True, exist_ok=True)
+    log.info("sample: fold %d: %d samples in %d shards (%s, %d steps), %d-%d actors",
+             fold, total, len(requests), s.sampler, s.steps, s.min_actors, s.max_actors)
+    ds = ray.data.from_items(requests, override_num_blocks=len(requests)).map_batches(
+        ShardSampler,
+        fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "root": str(layout.root), "fold": fold, "cpus": s.cpus_per_actor},
+        batch_size=1,
+        concurrency=(s.min_actors, s.max_actors),
+        num_cpus=s.cpus_per_actor,
+        num_gpus=s.gpus_per_actor,
+    )
+    done, t0 = 0, time.time()
+    for row in ds.iter_rows():
+        done += int(row["count"])
+        rate = done / max(time.time() - t0, 1e-9)
+        log.info("sample: fold %d: %d/%d samples (%.1f/s), wrote %s", fold, done, total, rate, row["shard"])
+
+
+def _write_manifest(cfg: Config, layout: Layout, fold: int, meta: dict, counts: dict[int, int], fingerprint: dict) -> dict:
+    """List the shards that make up the requested set, with per-sample checksums read back."""
+    out = layout.synthetic(fold)
+    shards = []
+    for c, ranges in sorted(existing_shards(out).items()):
+        for lo, hi in sorted(ranges):
+            if c in counts and lo < counts[c]:
+                shards.append((c, lo, hi))
+    samples = []
+    for c, lo, hi in shards:
+        t = pq.read_table(out / shard_name(c, lo, hi), columns=["id", "label", "seed", "checksum", "path"])
+        for row in t.to_pylist():
+            j = int(row["id"].rsplit("-", 1)[1])
+            if j < counts[c]:
+                samples.append({**row, "shard": shard_name(c, lo, hi)})
+    manifest = {
+        "fold": fold,
+        "generator_id": meta["generator_id"],
+        "config_digest": cfg.digest(),
+        "sampling_digest": _sampling_digest(cfg),
+        "process": meta["process"],
+        "sampler": cfg.sampling.sampler,
+        "steps": cfg.sampling.steps,
+        "base_seed": cfg.sampling.seed,
+        "counts": {fingerprint["class_names"][c]: n for c, n in counts.items()},
+        "num_samples": len(samples),
+        "shards": sorted({s["shard"] for s in samples}),
+        "samples": samples,
+    }
+    write_json(out / "manifest.json", manifest)
+    _write_grids(cfg, layout, fold, fingerprint)
+    return manifest
+
+
+def _write_grids(cfg: Config, layout: Layout, fold: int, fingerprint: dict) -> None:
+    from raysynth.data.schema import read_parquet
+    from raysynth.study.figures import save_grid
+
+    out = layout.synthetic(fold)
+    parts = sorted(out.glob("part-*.parquet"))
+    if not parts:
+        return
+    for c, name in enumerate(fingerprint["class_names"]):
+        mine = [p for p in parts if SHARD_RE.match(p.name) and int(SHARD_RE.match(p.name)["c"]) == c]
+        if mine:
+            data = read_parquet(mine[:1])
+            save_grid(out / f"grid_{_safe(name)}.png", data.images[:16], data.masks[:16] if data.masks is not None else None,
+                      title=f"synthetic '{name}', fold {fold}")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def read_synthetic(layout: Layout, fold: int, exclude: Optional[set[str]] = None):
+    """The fold's synthetic set as listed in its manifest (an ImageSet), minus ``exclude`` ids."""
+    from raysynth.data.schema import read_parquet
+
+    manifest_path = layout.synthetic(fold) / "manifest.json"
+    if not manifest_path.is_file():
+        raise StageError(f"no synthetic data for fold {fold} at {layout.synthetic(fold)}; run `raysynth sample` first")
+    manifest = read_json(manifest_path)
+    if not manifest["shards"]:
+        return None
+    data = read_parquet([layout.synthetic(fold) / s for s in manifest["shards"]])
+    wanted = {s["id"] for s in manifest["samples"]} - (exclude or set())
+    keep = [i for i, sid in enumerate(data.ids) if sid in wanted]
+    return data.select(keep) if keep else None

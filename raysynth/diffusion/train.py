@@ -1,0 +1,308 @@
+"""Stage ``train``: fit one class-conditional generator per CV fold with Ray Train.
+
+Leakage rule: the generator of fold k trains on fold k's real *training* part only, so its
+samples can be added to that fold's training set without it ever having seen the test part.
+The ids it trained on are written to ``OUT/ddpm/fold_k/train_ids.json`` and checked disjoint.
+
+Shape: ``train_loop_per_worker(config)`` -> ``ScalingConfig`` -> ``TorchTrainer``. Every rank
+reports at the same steps; rank 0 attaches the checkpoint (EMA weights, training state and the
+loss history). Re-running with the same output folder resumes from the last checkpoint: Ray
+Train restores the run from ``OUT/ray/ddpm_fold_k`` and the loop continues at the saved step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from raysynth.config import Config, from_dict
+from raysynth.data.prepare import load_prepared
+from raysynth.errors import StageError
+from raysynth.layout import Layout, read_json, write_json
+from raysynth.runtime import derive_seed, ensure_ray, set_threads
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+"""Inside ``OUT/ddpm/fold_k``: the EMA denoiser (``Denoiser.save_pretrained``) used for sampling."""
+
+
+def digest(cfg: Config) -> str:
+    """A generator is stale when the data, the splits or the diffusion config change."""
+    return cfg.section_digest("data", "cv", "diffusion")
+
+
+def is_complete(cfg: Config, layout: Layout, fold: int) -> bool:
+    meta = layout.ddpm(fold) / "config.json"
+    if not meta.is_file() or not (layout.ddpm(fold) / CHECKPOINT_DIR).is_dir():
+        return False
+    return read_json(meta).get("digest") == digest(cfg)
+
+
+def generator_train_ids(cfg: Config, fold: dict, labels_by_id: dict[str, int]) -> list[str]:
+    """The real ids fold k's generator may see: the fold's training part, optionally capped.
+
+    The cap (``diffusion.max_train_images``; the paper trained on 350 scans) keeps the class
+    proportions and is seeded, so the same fold always gets the same subset.
+    """
+    train = list(fold["train"])
+    cap = cfg.diffusion.max_train_images
+    if cap is None or cap >= len(train):
+        return train
+    from sklearn.model_selection import train_test_split
+
+    labels = [labels_by_id[i] for i in train]
+    kept, _ = train_test_split(
+        train, train_size=cap, stratify=labels, random_state=derive_seed(cfg.seed, fold["fold"], 7) % 2**31
+    )
+    return sorted(kept)
+
+
+def train_generators(
+    cfg: Config, layout: Layout, folds: Optional[list[int]] = None, force: bool = False
+) -> list[dict[str, Any]]:
+    """Train (or resume, or skip) the generator of every requested fold. Returns their metadata."""
+    records, fingerprint, splits = load_prepared(layout)
+    labels_by_id = dict(zip(records.ids, records.labels.tolist()))
+    wanted = [f["fold"] for f in splits] if folds is None else folds
+    unknown = sorted(set(wanted) - {f["fold"] for f in splits})
+    if unknown:
+        raise StageError(f"train: folds {unknown} are not in splits.json (it has {len(splits)} folds)")
+
+    jobs = []
+    for fold in splits:
+        k = fold["fold"]
+        if k not in wanted:
+            continue
+        if not force and is_complete(cfg, layout, k):
+            log.info("train: fold %d is up to date, skipping", k)
+            continue
+        if force:
+            shutil.rmtree(layout.ddpm(k), ignore_errors=True)
+            shutil.rmtree(layout.ray_storage / run_name(k), ignore_errors=True)
+        train_ids = generator_train_ids(cfg, fold, labels_by_id)
+        overlap = set(train_ids) & set(fold["test"])
+        if overlap:  # would be a bug in splits; never train a generator on test data
+            raise StageError(f"train: fold {k} generator ids overlap its test ids: {sorted(overlap)[:5]}")
+        jobs.append((k, train_ids, list(fold["test"])))
+
+    if jobs:
+        ensure_ray(cfg)
+        if cfg.diffusion.parallel_folds and len(jobs) > 1:
+            import ray
+
+            # The driver-side call of each TorchTrainer blocks, so each fold's fit runs in a
+            # zero-CPU task; the workers themselves reserve the real resources.
+            fit_remote = ray.remote(num_cpus=0)(_fit_fold)
+            ray.get([fit_remote.remote(cfg.to_dict(), str(layout.root), k, ids, test, fingerprint) for k, ids, test in jobs])
+        else:
+            for k, ids, test in jobs:
+                _fit_fold(cfg.to_dict(), str(layout.root), k, ids, test, fingerprint)
+    return [read_json(layout.ddpm(f["fold"]) / "config.json") for f in splits if f["fold"] in wanted]
+
+
+def run_name(fold: int) -> str:
+    return f"ddpm_fold_{fold}"
+
+
+def _fit_fold(
+    cfg_dict: dict, root: str, fold: int, train_ids: list[str], test_ids: list[str], fingerprint: dict
+) -> None:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = from_dict(cfg_dict)
+    layout = Layout.at(root)
+    d = cfg.diffusion
+    t0 = time.time()
+    log.info("train: fold %d: %d real training images, %d steps, %d worker(s)", fold, len(train_ids), d.train_steps, d.num_workers)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg_dict,
+            "fold": fold,
+            "data_path": str(layout.data_parquet),
+            "train_ids": train_ids,
+            "num_classes": int(fingerprint["num_classes"]),
+            "num_mask_classes": _mask_classes(cfg, fingerprint),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker={"CPU": d.cpus_per_worker, **({"GPU": 1} if d.use_gpu else {})}
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name(fold),
+            storage_path=str(layout.ray_storage),
+            failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise StageError(f"train: fold {fold} finished without a checkpoint")
+    out = layout.ddpm(fold)
+    out.mkdir(parents=True, exist_ok=True)
+    with result.checkpoint.as_directory() as ckpt:
+        ckpt = Path(ckpt)
+        staging = out / f".{CHECKPOINT_DIR}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(ckpt / "ema", staging)
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        staging.replace(out / CHECKPOINT_DIR)
+        history = json.loads((ckpt / "history.json").read_text())
+        state_step = json.loads((ckpt / "progress.json").read_text())["step"]
+    tmp = out / ".metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    tmp.replace(out / "metrics.jsonl")
+    write_json(out / "train_ids.json", {"fold": fold, "train_ids": train_ids, "test_ids": test_ids,
+                                        "disjoint": not (set(train_ids) & set(test_ids))})
+    # Written last: its presence with a matching digest marks the fold complete.
+    write_json(out / "config.json", {
+        "generator_id": f"ddpm-fold{fold}-{digest(cfg)}",
+        "fold": fold,
+        "digest": digest(cfg),
+        "process": cfg.diffusion.process,
+        "diffusion": cfg_dict["diffusion"],
+        "num_classes": int(fingerprint["num_classes"]),
+        "class_names": fingerprint["class_names"],
+        "num_mask_classes": _mask_classes(cfg, fingerprint),
+        "dims": cfg.data.dims,
+        "image_size": cfg.data.image_size,
+        "spacing": fingerprint.get("spacing"),
+        "num_train_images": len(train_ids),
+        "steps": state_step,
+        "final_loss": history[-1]["loss_ema"] if history else None,
+        "train_seconds": round(time.time() - t0, 1),
+    })
+    log.info("train: fold %d done in %.0fs (final loss %.4f)", fold, time.time() - t0, history[-1]["loss_ema"] if history else float("nan"))
+
+
+def _mask_classes(cfg: Config, fingerprint: dict) -> int:
+    return int(fingerprint.get("num_mask_classes") or 0) if cfg.data.task == "segmentation" else 0
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker. Shapes: x0 ``(N, C, *S)`` in [-1, 1]; labels ``(N,)``."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from diffusers.training_utils import EMAModel
+
+    from raysynth.data.schema import read_parquet
+    from raysynth.diffusion.channels import encode_joint
+    from raysynth.diffusion.networks import build_denoiser
+    from raysynth.diffusion.process import build_process
+
+    cfg = from_dict(config["cfg"])
+    d = cfg.diffusion
+    set_threads(d.cpus_per_worker)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    # 1. Data: the fold's generator ids only, held in memory (hundreds of scans at most).
+    data = read_parquet(config["data_path"]).subset_ids(config["train_ids"])
+    n_mask = config["num_mask_classes"]
+    x0 = encode_joint(torch.from_numpy(data.images), torch.from_numpy(data.masks) if n_mask else None, n_mask)
+    labels = torch.from_numpy(data.labels).long()
+    assert x0.shape[0] == labels.shape[0] and x0.ndim == cfg.data.dims + 2, x0.shape
+
+    # 2. Model, EMA, optimiser and the noise process.
+    process = build_process(d)
+    process.check_data_scale(float(x0.std()))
+    model = build_denoiser(d, dims=cfg.data.dims, in_channels=x0.shape[1], image_size=cfg.data.image_size,
+                           num_classes=config["num_classes"])
+    ema = EMAModel(model.parameters(), decay=d.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=d.learning_rate, weight_decay=d.weight_decay)
+    start, history = 0, []
+
+    # 3. Resume from the last reported checkpoint, if Ray Train restored one.
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as path:
+            state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            ema.load_state_dict(state["ema"])
+            start = int(state["step"])
+            history = json.loads((Path(path) / "history.json").read_text())
+        if rank == 0:
+            print(f"[train fold {config['fold']}] resuming at step {start}", flush=True)
+    model = ray.train.torch.prepare_model(model)
+    ema.to(device)
+    x0, labels = x0.to(device), labels.to(device)
+    use_bf16 = device.type == "cuda"
+
+    # 4. Loop. Each rank draws its own batch from a generator seeded by (seed, fold, rank, step),
+    #    so a resumed run sees exactly the batches an uninterrupted one would have seen.
+    loss_ema, t_last = None, time.time()
+    for step in range(start, d.train_steps):
+        g = torch.Generator(device="cpu").manual_seed(derive_seed(cfg.seed, config["fold"], rank, step))
+        idx = torch.randint(0, x0.shape[0], (d.batch_size,), generator=g).to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss = process.training_loss(model, x0[idx], labels[idx], generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if d.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip)
+        opt.step()
+        ema.step(model.parameters())
+        value = float(loss.detach())
+        loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
+        done = step + 1
+        if done % d.log_every and done % d.checkpoint_every and done != d.train_steps:
+            continue
+        metrics = {"step": done, "loss": value, "loss_ema": loss_ema, "fold": config["fold"],
+                   "seconds_per_step": (time.time() - t_last) / max(1, done - (history[-1]["step"] if history else start))}
+        t_last = time.time()
+        history.append(metrics)
+        if rank == 0:
+            print(f"[train fold {config['fold']}] step {done}/{d.train_steps} loss {loss_ema:.4f}", flush=True)
+        if done % d.checkpoint_every == 0 or done == d.train_steps:
+            _report_with_checkpoint(metrics, history, model, ema, opt, done, rank)
+        else:
+            ray.train.report(metrics)
+
+
+def _report_with_checkpoint(metrics, history, model, ema, opt, step, rank) -> None:
+    import ray.train
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            path = Path(tmp)
+            raw = model.module if hasattr(model, "module") else model
+            torch.save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict(),
+                        "step": step}, path / "state.pt")
+            # The EMA weights, as a standalone denoiser, are what the sampler loads.
+            ema.store(raw.parameters())
+            ema.copy_to(raw.parameters())
+            raw.save_pretrained(path / "ema")
+            ema.restore(raw.parameters())
+            (path / "history.json").write_text(json.dumps(history))
+            (path / "progress.json").write_text(json.dumps({"step": step}))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:08d}")
+
+
+def load_generator(layout: Layout, fold: int, device: str = "cpu"):
+    """The trained EMA denoiser of a fold, its noise process and its metadata."""
+    from raysynth.diffusion.networks import Denoiser
+    from raysynth.diffusion.process import build_process
+    from raysynth.config import DiffusionConfig, section_from_dict
+
+    meta_path = layout.ddpm(fold) / "config.json"
+    if not meta_path.is_file():
+        raise StageError(f"no trained generator for fold {fold} at {layout.ddpm(fold)}; run `raysynth train` first")
+    meta = read_json(meta_path)
+    model = Denoiser.from_pretrained(layout.ddpm(fold) / CHECKPOINT_DIR, map_location=device).to(device).eval()
+    process = build_process(section_from_dict(DiffusionConfig, meta["diffusion"], "diffusion"))
+    return model, process, meta
+
+
+__all__ = ["train_generators", "train_loop_per_worker", "load_generator", "is_complete", "generator_train_ids"]

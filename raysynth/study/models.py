@@ -1,0 +1,246 @@
+"""Downstream CNNs (2D and 3D through ``dims``) and one train-then-evaluate function per trial.
+
+``fit_and_evaluate`` is the unit the study's Ray Tune grid runs once per arm x fold x seed: the
+baseline and augmented arms of a cell call it with the same test fold, seed and settings and
+differ only in ``train``. It is deterministic on CPU for a given seed and leaves the caller's
+torch RNG state and thread count untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from monai.losses import DiceCELoss
+from monai.networks.blocks import Convolution
+from monai.networks.layers import Pool
+from monai.networks.nets import UNet
+from torch import nn
+
+from raysynth.data.schema import ImageSet
+from raysynth.study.metrics import classification_metrics, segmentation_metrics
+
+TASKS = ("classification", "segmentation")
+NORMS = ("batch", "instance")
+
+
+def _check_network_args(dims: int, in_channels: int, num_classes: int, width: int) -> None:
+    if dims not in (2, 3):
+        raise ValueError(f"dims: {dims} is not supported; choose 2 or 3")
+    if in_channels < 1:
+        raise ValueError(f"in_channels: {in_channels} must be >= 1")
+    if num_classes < 2:
+        raise ValueError(f"num_classes: {num_classes} must be >= 2")
+    if width < 1:
+        raise ValueError(f"width: {width} must be >= 1")
+
+
+def build_classifier(
+    dims: int, in_channels: int, num_classes: int, width: int, *, norm: str = "batch", dropout: float = 0.2
+) -> nn.Module:
+    """A small VGG-style CNN: ``(B, C, *S)`` -> logits ``(B, num_classes)``.
+
+    A stem conv at full resolution, then three stages of (stride-2 conv, conv) with widths
+    ``width * (1, 2, 4)``, each conv followed by ``norm`` and ReLU; global average pooling makes
+    it independent of the input size (>= 8 per axis), then dropout and a linear head.
+    """
+    _check_network_args(dims, in_channels, num_classes, width)
+    if norm not in NORMS:
+        raise ValueError(f"norm: {norm!r} is not known; choose one of {list(NORMS)}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout: {dropout} must lie in [0, 1)")
+
+    def conv(cin: int, cout: int, stride: int) -> nn.Module:
+        return Convolution(dims, cin, cout, strides=stride, kernel_size=3, act="RELU", norm=norm.upper())
+
+    layers: list[nn.Module] = [conv(in_channels, width, 1)]
+    cin = width
+    for mult in (1, 2, 4):
+        layers += [conv(cin, width * mult, 2), conv(width * mult, width * mult, 1)]
+        cin = width * mult
+    layers += [Pool[Pool.ADAPTIVEAVG, dims](1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def build_segmenter(dims: int, in_channels: int, num_classes: int, width: int) -> nn.Module:
+    """MONAI UNet, ``(B, C, *S)`` -> logits ``(B, num_classes, *S)``; ``S`` divisible by 4."""
+    _check_network_args(dims, in_channels, num_classes, width)
+    return UNet(
+        spatial_dims=dims, in_channels=in_channels, out_channels=num_classes,
+        channels=(width, 2 * width, 4 * width), strides=(2, 2), num_res_units=1,
+    )
+
+
+@dataclass
+class TrainResult:
+    """One trial's outcome. ``to_dict`` is what ``fit_and_evaluate`` returns (JSON-safe)."""
+
+    task: str
+    metrics: dict
+    y_true: list
+    """Classification: test labels ``(N,)``. Segmentation: empty (the masks are not copied)."""
+    y_prob: Optional[list]
+    """Classification: ``(N, K)`` softmax probabilities. Segmentation: None."""
+    per_sample_dice: Optional[list]
+    """Segmentation: ``(N,)`` mean foreground Dice per test image. Classification: None."""
+    test_ids: list
+    train_size: int
+    test_size: int
+    epochs: int
+    train_seconds: float
+    eval_seconds: float
+    loss_history: list = field(default_factory=list)
+    """Mean training loss of each epoch."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _validate(task, train, test, num_classes, num_mask_classes, epochs, batch_size, learning_rate, width) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task: {task!r} is not known; choose one of {list(TASKS)}")
+    if len(train) < 2:
+        raise ValueError(f"train: {len(train)} records; at least 2 are needed")
+    if len(test) < 1:
+        raise ValueError("test: no records")
+    if train.dims not in (2, 3):
+        raise ValueError(f"train: images of shape {train.images.shape} are neither 2D nor 3D")
+    if train.spatial_shape != test.spatial_shape:
+        raise ValueError(f"test: spatial shape {test.spatial_shape} differs from train {train.spatial_shape}")
+    if min(train.spatial_shape) < 8:
+        raise ValueError(f"train: spatial shape {train.spatial_shape} is below 8 on some axis")
+    if epochs < 1:
+        raise ValueError(f"epochs: {epochs} must be >= 1")
+    if batch_size < 2:
+        raise ValueError(f"batch_size: {batch_size} must be >= 2 (batch norm)")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate: {learning_rate} must be > 0")
+    if width < 1:
+        raise ValueError(f"width: {width} must be >= 1")
+    if task == "classification":
+        if num_classes < 2:
+            raise ValueError(f"num_classes: {num_classes} must be >= 2")
+        for name, s in (("train", train), ("test", test)):
+            if s.labels.min() < 0 or s.labels.max() >= num_classes:
+                raise ValueError(f"{name}: labels {sorted(set(s.labels.tolist()))} outside [0, {num_classes - 1}]")
+    else:
+        if num_mask_classes is None or num_mask_classes < 2:
+            raise ValueError(f"num_mask_classes: {num_mask_classes} must be >= 2 for segmentation")
+        for name, s in (("train", train), ("test", test)):
+            if s.masks is None:
+                raise ValueError(f"{name}: segmentation needs masks, this ImageSet has none")
+            if s.masks.max() >= num_mask_classes:
+                raise ValueError(f"{name}: mask label {int(s.masks.max())} >= num_mask_classes ({num_mask_classes})")
+        if any(s % 4 for s in train.spatial_shape):
+            raise ValueError(f"train: spatial shape {train.spatial_shape} must be divisible by 4 (UNet strides 2, 2)")
+
+
+def fit_and_evaluate(
+    task: str,
+    train: ImageSet,
+    test: ImageSet,
+    *,
+    num_classes: int,
+    num_mask_classes: Optional[int],
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    width: int,
+    seed: int,
+    device: str = "cpu",
+    augment: Optional[Callable] = None,
+    progress: Optional[Callable[[dict], None]] = None,
+    class_names: Optional[list[str]] = None,
+    mask_class_names: Optional[list[str]] = None,
+    weight_decay: float = 1e-4,
+) -> dict:
+    """Train a fresh network on ``train`` and score it on ``test``; returns ``TrainResult.to_dict()``.
+
+    Inputs: ``ImageSet.images`` ``(N, *S)`` float32 in [-1, 1] (a channel axis is added);
+    classification uses ``labels`` ``(N,)`` and ``num_classes``; segmentation uses ``masks``
+    ``(N, *S)`` and ``num_mask_classes`` (including background). AdamW with a per-step cosine
+    schedule; cross-entropy (classification) or MONAI DiceCELoss (segmentation).
+
+    ``augment(images (B, 1, *S), masks (B, *S) | None) -> (images, masks)`` is applied to every
+    training batch on the CPU (see ``augment.build_classical_augment``). ``progress`` receives
+    ``{"epoch", "epochs", "train_loss", "lr", "seconds"}`` after each epoch.
+    Returned keys: see :class:`TrainResult`; ``metrics`` comes from ``metrics.py``.
+    """
+    _validate(task, train, test, num_classes, num_mask_classes, epochs, batch_size, learning_rate, width)
+    seg = task == "segmentation"
+    dev = torch.device(device)
+    # fork_rng restores the caller's RNG state afterwards; the seed alone fixes init and dropout.
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        dims = train.dims
+        if seg:
+            model = build_segmenter(dims, 1, num_mask_classes, width).to(dev)
+            loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        else:
+            model = build_classifier(dims, 1, num_classes, width).to(dev)
+            loss_fn = nn.CrossEntropyLoss()
+
+        x_all = torch.from_numpy(np.ascontiguousarray(train.images, dtype=np.float32)).unsqueeze(1)
+        y_all = torch.from_numpy(np.ascontiguousarray(train.masks if seg else train.labels)).long()
+        n = len(train)
+        steps = epochs * ((n + batch_size - 1) // batch_size)
+        optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
+        shuffle = torch.Generator().manual_seed(seed)
+
+        history: list[float] = []
+        start = time.perf_counter()
+        model.train()
+        for epoch in range(epochs):
+            order = torch.randperm(n, generator=shuffle)
+            total, count = 0.0, 0
+            for i in range(0, n, batch_size):
+                idx = order[i : i + batch_size]
+                if len(idx) < 2:  # batch norm cannot train on one sample; it rejoins next epoch
+                    continue
+                xb, yb = x_all[idx], y_all[idx]
+                if augment is not None:
+                    xb, mb = augment(xb, yb if seg else None)
+                    yb = mb.long() if seg else yb
+                xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
+                logits = model(xb)
+                loss = loss_fn(logits, yb.unsqueeze(1)) if seg else loss_fn(logits, yb)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                schedule.step()
+                total += float(loss.detach()) * len(idx)
+                count += len(idx)
+            history.append(total / max(count, 1))
+            if progress is not None:
+                progress({"epoch": epoch + 1, "epochs": epochs, "train_loss": history[-1],
+                          "lr": schedule.get_last_lr()[0], "seconds": time.perf_counter() - start})
+        train_seconds = time.perf_counter() - start
+
+        # Evaluation: batched inference on the real test fold.
+        start = time.perf_counter()
+        model.eval()
+        x_test = torch.from_numpy(np.ascontiguousarray(test.images, dtype=np.float32)).unsqueeze(1)
+        outputs = []
+        with torch.inference_mode():
+            for i in range(0, len(test), batch_size):
+                logits = model(x_test[i : i + batch_size].to(dev))
+                outputs.append((logits.argmax(1).to(torch.uint8) if seg else logits.softmax(1)).cpu())
+        out = torch.cat(outputs).numpy()
+        if seg:
+            metrics = segmentation_metrics(out, test.masks, num_mask_classes, mask_class_names, spacing=test.spacing)
+            y_true, y_prob, per_sample = [], None, metrics["per_sample_dice"]
+        else:
+            names = class_names or [str(c) for c in range(num_classes)]
+            metrics = classification_metrics(test.labels.astype(np.int64), out.astype(np.float64), names)
+            y_true, y_prob, per_sample = test.labels.astype(int).tolist(), out.astype(float).tolist(), None
+        eval_seconds = time.perf_counter() - start
+
+    return TrainResult(
+        task=task, metrics=metrics, y_true=y_true, y_prob=y_prob, per_sample_dice=per_sample,
+        test_ids=list(test.ids), train_size=n, test_size=len(test), epochs=epochs,
+        train_seconds=train_seconds, eval_seconds=eval_seconds, loss_history=history,
+    ).to_dict()
