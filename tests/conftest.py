@@ -1,0 +1,35 @@
+"""Shared fixtures: one local Ray instance per test session, and an isolated cohort cache."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cohort_cache(tmp_path_factory):
+    """Keep the embedded cohort cache out of the user's home during tests."""
+    path = tmp_path_factory.mktemp("cohort-cache")
+    old = os.environ.get("RAYSYNTH_CACHE")
+    os.environ["RAYSYNTH_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("RAYSYNTH_CACHE", None)
+    else:
+        os.environ["RAYSYNTH_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray, started once and shared by every test that needs it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
