@@ -13,6 +13,7 @@ FD and precision/recall are biased in n (Chong & Forsyth 2020); KID is unbiased.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -74,9 +75,13 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray, covariance: Covariance = "a
     # 1. Moments of each set.
     mu1, mu2 = f1.mean(axis=0), f2.mean(axis=0)
     s1, s2 = _covariance(f1, covariance), _covariance(f2, covariance)
-    # 2. sqrt(S1 S2); a singular product can make sqrtm fail or return inf, so offset both (pytorch-fid).
-    covmean = scipy.linalg.sqrtm(s1 @ s2)
-    if not np.all(np.isfinite(covmean)):
+    # 2. sqrt(S1 S2). A singular product (n <= F, or Ledoit-Wolf with zero shrinkage at n = 2) makes
+    #    sqrtm warn or return inf; then offset both diagonals by eps and retry, as pytorch-fid does.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(s1 @ s2)
+    singular = any(issubclass(w.category, scipy.linalg.LinAlgWarning) for w in caught)
+    if singular or not np.all(np.isfinite(covmean)):
         offset = np.eye(s1.shape[0]) * eps
         covmean = scipy.linalg.sqrtm((s1 + offset) @ (s2 + offset))
     # 3. Round-off gives a tiny imaginary part; a large one means the estimate is broken.

@@ -155,6 +155,8 @@ class _RandKSpaceSpike(RandomizableTransform, Fourier):
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         spatial = img.shape[1:]
+        if max(spatial) < 4:
+            raise ValueError(f"spike: image of spatial shape {tuple(spatial)} has no k-space outside the centre")
         centre = np.array(spatial) // 2
         while True:
             loc = np.array([self.R.randint(s) for s in spatial])

@@ -44,9 +44,9 @@ def paired_comparison(
 
     Returns keys: ``n``, ``n_dropped``, ``mean_a``, ``mean_b``, ``mean_diff`` (b - a),
     ``sd_diff``, ``confidence``, ``ci_low``/``ci_high`` (t interval of the mean difference),
-    ``t``/``p_t`` (paired t-test), ``wilcoxon_statistic``/``p_wilcoxon``, ``t_nb``/``p_nb``/
-    ``ci_nb_low``/``ci_nb_high`` (Nadeau–Bengio; nan without n_train/n_test),
-    ``boot_ci_low``/``boot_ci_high`` (BCa bootstrap of the mean difference), ``cohens_dz``,
+    ``t``/``t_p`` (paired t-test), ``wilcoxon_statistic``/``wilcoxon_p``, ``nb_t``/``nb_p``/
+    ``nb_ci_low``/``nb_ci_high`` (Nadeau–Bengio; nan without n_train/n_test),
+    ``boot_ci_low``/``boot_ci_high`` (BCa bootstrap of the mean difference), ``cohen_dz``,
     ``hedges_gz``, ``notes``.
     """
     a = np.asarray(a, dtype=np.float64)
@@ -73,10 +73,10 @@ def paired_comparison(
         "n": n, "n_dropped": int((~keep).sum()), "confidence": confidence,
         "mean_a": float(a.mean()) if n else _nan(), "mean_b": float(b.mean()) if n else _nan(),
         "mean_diff": float(d.mean()) if n else _nan(), "sd_diff": _nan(),
-        "ci_low": _nan(), "ci_high": _nan(), "t": _nan(), "p_t": _nan(),
-        "wilcoxon_statistic": _nan(), "p_wilcoxon": _nan(),
-        "t_nb": _nan(), "p_nb": _nan(), "ci_nb_low": _nan(), "ci_nb_high": _nan(),
-        "boot_ci_low": _nan(), "boot_ci_high": _nan(), "cohens_dz": _nan(), "hedges_gz": _nan(),
+        "ci_low": _nan(), "ci_high": _nan(), "t": _nan(), "t_p": _nan(),
+        "wilcoxon_statistic": _nan(), "wilcoxon_p": _nan(),
+        "nb_t": _nan(), "nb_p": _nan(), "nb_ci_low": _nan(), "nb_ci_high": _nan(),
+        "boot_ci_low": _nan(), "boot_ci_high": _nan(), "cohen_dz": _nan(), "hedges_gz": _nan(),
         "notes": notes,
     }
     if n < 2:
@@ -93,19 +93,19 @@ def paired_comparison(
     else:
         # 1. Paired t-test and its interval: mean(d) ± t_{n-1} * sd / sqrt(n).
         res = stats.ttest_rel(b, a)
-        out["t"], out["p_t"] = float(res.statistic), float(res.pvalue)
+        out["t"], out["t_p"] = float(res.statistic), float(res.pvalue)
         half = q * sd / math.sqrt(n)
         out["ci_low"], out["ci_high"] = mean - half, mean + half
         # 2. Effect size d_z = mean(d) / sd(d); Hedges' small-sample factor J = 1 - 3 / (4 (n - 1) - 1).
-        out["cohens_dz"] = mean / sd
+        out["cohen_dz"] = mean / sd
         out["hedges_gz"] = (1.0 - 3.0 / (4.0 * (n - 1) - 1.0)) * mean / sd
         # 3. Nadeau–Bengio: Var(mean d) ≈ (1/n + n_test/n_train) sd^2 instead of sd^2 / n.
         if n_train is not None:
             se_nb = math.sqrt((1.0 / n + n_test / n_train) * sd**2)
             t_nb = mean / se_nb
-            out["t_nb"] = t_nb
-            out["p_nb"] = float(2.0 * stats.t.sf(abs(t_nb), df=n - 1))
-            out["ci_nb_low"], out["ci_nb_high"] = mean - q * se_nb, mean + q * se_nb
+            out["nb_t"] = t_nb
+            out["nb_p"] = float(2.0 * stats.t.sf(abs(t_nb), df=n - 1))
+            out["nb_ci_low"], out["nb_ci_high"] = mean - q * se_nb, mean + q * se_nb
 
     # 4. Wilcoxon signed-rank; zero differences are dropped (zero_method="wilcox").
     if np.all(d == 0):
@@ -114,7 +114,7 @@ def paired_comparison(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # small-n exact/normal-approximation warnings
             res = stats.wilcoxon(d)
-        out["wilcoxon_statistic"], out["p_wilcoxon"] = float(res.statistic), float(res.pvalue)
+        out["wilcoxon_statistic"], out["wilcoxon_p"] = float(res.statistic), float(res.pvalue)
 
     # 5. Bootstrap interval of the mean difference (BCa; percentile when BCa degenerates).
     if zero_variance:
