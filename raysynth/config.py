@@ -79,7 +79,7 @@ class DiffusionConfig:
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    gamma: float = 1.0
+    gamma: float = 12.5
     """Diffusion constant of the paper's process X_t = X + sqrt(2*gamma*t)*eps (sigma_max = sqrt(2*gamma))."""
     sigma_min: float = 0.002
     channels: list[int] = field(default_factory=lambda: [32, 64, 64])
@@ -221,6 +221,11 @@ class Config:
             raise ConfigError(f"diffusion.ema_decay: {df.ema_decay} must lie in [0, 1)")
         if df.max_train_images is not None:
             _positive("diffusion.max_train_images", df.max_train_images, minimum=2)
+        valid_samplers = {"ddpm": ("ddpm", "ddim", "dpmsolver++"), "gamma": ("euler", "heun")}[df.process]
+        if s.sampler not in valid_samplers:
+            raise ConfigError(
+                f"sampling.sampler: {s.sampler!r} does not fit diffusion.process={df.process!r}; choose one of {list(valid_samplers)}"
+            )
         _positive("sampling.steps", s.steps)
         if s.ratio < 0:
             raise ConfigError(f"sampling.ratio: {s.ratio} must be >= 0")

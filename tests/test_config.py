@@ -39,6 +39,7 @@ def test_layering_preset_then_file_then_overrides(tmp_path):
         ("cv.folds=1", "cv.folds: 1 must be >= 2"),
         ("sampling.max_actors=0", "sampling.max_actors"),
         ("novalue", "expected key.sub=value"),
+        ("diffusion.process=gamma", "sampling.sampler: 'ddim' does not fit diffusion.process='gamma'"),
     ],
 )
 def test_bad_overrides_name_the_key(override, fragment):

@@ -170,7 +170,9 @@ class Denoiser(torch.nn.Module):
         save_file(state, str(directory / WEIGHTS_NAME))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu", **kwargs: Any) -> "Denoiser":
+    def from_pretrained(
+        cls, directory: str | Path, map_location: str | torch.device = "cpu", **kwargs: Any
+    ) -> "Denoiser":
         """Rebuild from ``save_pretrained`` output; ``kwargs`` (e.g. gradient_checkpointing) go to __init__."""
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):

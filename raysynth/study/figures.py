@@ -84,7 +84,7 @@ def save_fold_metric(path: str | Path, table: dict[str, dict[int, float]], metri
 
 
 def save_paired_differences(path: str | Path, diffs: dict[str, Sequence[float]], metric: str) -> None:
-    """Paired differences (arm minus baseline) per fold x seed, one strip per arm, with the mean."""
+    """Paired differences (arm minus baseline) per fold, one strip per arm, with the mean."""
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     for i, (arm, values) in enumerate(diffs.items()):
         values = np.asarray(values, dtype=float)
@@ -93,7 +93,7 @@ def save_paired_differences(path: str | Path, diffs: dict[str, Sequence[float]],
     ax.axhline(0.0, color="grey", lw=0.8, ls="--")
     ax.set_xticks(range(len(diffs)), list(diffs))
     ax.set_ylabel(f"{metric.replace('_', ' ')} minus baseline")
-    ax.set_title("paired differences (fold x seed)")
+    ax.set_title("paired differences per fold (seed-averaged)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -39,32 +39,41 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def fold_means(rows: list[dict], metric: str) -> dict[str, dict[int, float]]:
+    """Per arm, the metric of each fold averaged over seeds.
+
+    Seeds of one fold share its split, so their results are not independent replicates; the
+    unit of pairing is the fold (of each CV repeat), as the corrected resampled t-test assumes.
+    """
+    acc: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        v = r.get(metric)
+        if v is not None and not (isinstance(v, float) and np.isnan(v)):
+            acc[r["arm"]][r["fold"]].append(float(v))
+    return {arm: {f: float(np.mean(v)) for f, v in by_fold.items()} for arm, by_fold in acc.items()}
+
+
 def compare_arms(rows: list[dict], metrics: list[str], n_train: float, n_test: float) -> dict[str, dict[str, Any]]:
-    """Each non-baseline arm against baseline, paired by (fold, seed), for every metric."""
+    """Each non-baseline arm against baseline, paired by fold (seed-averaged), for every metric."""
     from raysynth.study.stats import holm, paired_comparison
 
-    by_arm: dict[str, dict[tuple[int, int], dict]] = defaultdict(dict)
-    for r in rows:
-        by_arm[r["arm"]][(r["fold"], r["seed"])] = r
-    if "baseline" not in by_arm:
+    arms = sorted({r["arm"] for r in rows} - {"baseline"})
+    if not any(r["arm"] == "baseline" for r in rows):
         return {}
-    out: dict[str, dict[str, Any]] = {}
-    for arm, trials in by_arm.items():
-        if arm == "baseline":
-            continue
-        keys = sorted(set(trials) & set(by_arm["baseline"]))
-        out[arm] = {}
-        for m in metrics:
-            a = np.array([by_arm["baseline"][k].get(m, np.nan) for k in keys], dtype=float)
-            b = np.array([trials[k].get(m, np.nan) for k in keys], dtype=float)
-            ok = ~(np.isnan(a) | np.isnan(b))
-            if ok.sum() < 2:
-                out[arm][m] = {"n": int(ok.sum()), "note": "fewer than 2 complete pairs"}
-                continue
-            out[arm][m] = paired_comparison(a[ok], b[ok], n_train=n_train, n_test=n_test)
-    # Holm across arms, per metric: several arms are compared with one baseline.
+    out: dict[str, dict[str, Any]] = {arm: {} for arm in arms}
     for m in metrics:
-        pvals = {arm: res[m].get("t_p") for arm, res in out.items() if isinstance(res.get(m), dict) and "t_p" in res[m]}
+        means = fold_means(rows, m)
+        base = means.get("baseline", {})
+        for arm in arms:
+            folds = sorted(set(base) & set(means.get(arm, {})))
+            if len(folds) < 2:
+                out[arm][m] = {"n": len(folds), "note": "fewer than 2 paired folds"}
+                continue
+            a = np.array([base[f] for f in folds])
+            b = np.array([means[arm][f] for f in folds])
+            out[arm][m] = {**paired_comparison(a, b, n_train=n_train, n_test=n_test), "folds": folds}
+        # Holm across arms, per metric: several arms are compared with one baseline.
+        pvals = {arm: out[arm][m]["t_p"] for arm in arms if "t_p" in out[arm].get(m, {})}
         for arm, p_adj in holm(pvals).items():
             out[arm][m]["t_p_holm"] = p_adj
     return out
@@ -115,8 +124,9 @@ def write_report(cfg: Config, layout: Layout) -> dict[str, Any]:
         "task": task,
         "dims": cfg.data.dims,
         "primary_metric": cfg.study.primary_metric,
-        "primary_test": "paired t-test over (fold, seed) pairs (the paper's test); Wilcoxon signed-rank as a "
-                        "distribution-free check; Nadeau-Bengio corrected t-test because CV training sets overlap",
+        "primary_test": "paired t-test over folds, each fold's metric averaged over seeds (the paper's test); "
+                        "Nadeau-Bengio corrected t-test beside it, because cross-validation training sets overlap and "
+                        "the plain t-test is then too liberal; Wilcoxon signed-rank as a distribution-free check",
         "data": {k: fingerprint[k] for k in ("class_names", "counts", "num_records", "num_subjects") if k in fingerprint},
         "folds": len(splits),
         "metrics": metrics,
@@ -141,17 +151,13 @@ def write_report(cfg: Config, layout: Layout) -> dict[str, Any]:
 def _figures(cfg: Config, layout: Layout, report: dict, records, rows: list[dict]) -> None:
     out = layout.report
     for m in report["metrics"]:
-        table: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-        for r in rows:
-            if r.get(m) is not None:
-                table[r["arm"]][r["fold"]].append(r[m])
-        figures.save_fold_metric(out / f"per_fold_{m}.png",
-                                 {a: {f: float(np.mean(v)) for f, v in fv.items()} for a, fv in table.items()}, m)
+        figures.save_fold_metric(out / f"per_fold_{m}.png", fold_means(rows, m), m)
     primary = cfg.study.primary_metric if cfg.study.primary_metric in report["metrics"] else (report["metrics"] or [None])[0]
     if primary:
-        base = {(r["fold"], r["seed"]): r[primary] for r in rows if r["arm"] == "baseline"}
-        diffs = {a: [r[primary] - base[(r["fold"], r["seed"])] for r in rows if r["arm"] == a and (r["fold"], r["seed"]) in base]
-                 for a in sorted({r["arm"] for r in rows}) if a != "baseline"}
+        means = fold_means(rows, primary)
+        base = means.get("baseline", {})
+        diffs = {a: [v - base[f] for f, v in sorted(by_fold.items()) if f in base]
+                 for a, by_fold in sorted(means.items()) if a != "baseline"}
         if diffs:
             figures.save_paired_differences(out / "paired_differences.png", diffs, primary)
     histories = {}
@@ -218,7 +224,7 @@ def render_markdown(report: dict) -> str:
             f"{_fmt(by_metric[m]['mean'])} ({_fmt(by_metric[m]['sd'])})" if m in by_metric else "n/a" for m in metrics) + " |")
     lines += ["", "## Paired comparison against baseline", "",
               f"Primary test: {report['primary_test']}.", "",
-              "| arm | metric | n | mean diff | 95% CI | t-test p | Holm p | Nadeau-Bengio p | Wilcoxon p | d_z |",
+              "| arm | metric | folds | mean diff | 95% CI | t-test p | Holm p | Nadeau-Bengio p | Wilcoxon p | d_z |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, by_metric in report["comparisons"].items():
         for m, c in by_metric.items():
