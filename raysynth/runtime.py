@@ -14,7 +14,6 @@ _QUIET_ENV = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "RAY_DEDUP_LOGS": "1",
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
 }
 
 
@@ -35,9 +34,21 @@ def ensure_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, **kwargs)
+        ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
+    quiet_ray_logs()
     res = ray.cluster_resources()
     log.info("ray: %s CPU, %s GPU available", res.get("CPU", 0), res.get("GPU", 0))
+
+
+def quiet_ray_logs() -> None:
+    """Our stages log their own progress; Ray Data's per-operator progress lines drown it."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    for name in ("ray.data", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def set_threads(num_cpus: float | int) -> None:

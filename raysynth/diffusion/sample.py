@@ -251,7 +251,7 @@ def _run_requests(cfg: Config, layout: Layout, fold: int, requests: list[dict]) 
         ShardSampler,
         fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "root": str(layout.root), "fold": fold, "cpus": s.cpus_per_actor},
         batch_size=1,
-        concurrency=(s.min_actors, s.max_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
         num_cpus=s.cpus_per_actor,
         num_gpus=s.gpus_per_actor,
     )

@@ -131,7 +131,8 @@ def run_study(cfg: Config, layout: Layout, force: bool = False) -> Path:
                 "cfg": cfg.to_dict(), "root": str(layout.root), "dropped": dropped,
                 "trial": tune.grid_search(pending),
             },
-            tune_config=tune.TuneConfig(trial_name_creator=lambda t: trial_key(**t.config["trial"])),
+            tune_config=tune.TuneConfig(trial_name_creator=lambda t: trial_key(**t.config["trial"]),
+                                        trial_dirname_creator=lambda t: trial_key(**t.config["trial"])),
             run_config=tune.RunConfig(
                 name=f"study_{digest}", storage_path=str(layout.ray_storage),
                 failure_config=tune.FailureConfig(max_failures=st.max_failures),
