@@ -1,0 +1,191 @@
+"""Loading real inputs: class folders of pictures, NIfTI with labels.csv, masks, slices, the dev set."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from raysynth.config import DataConfig
+from raysynth.data.sources import RawSet, load_source, mask_path
+from raysynth.errors import InputError
+
+DEV_SET = Path("/work/shared/data/brain-tumor-mri-4class/Training")
+
+
+def picture(path: Path, size=(20, 14), mode="L", seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0]), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(data, mode).save(path)
+    return data
+
+
+def volume(path: Path, shape=(10, 12, 8), affine=None, seed=0, data=None) -> np.ndarray:
+    data = np.random.default_rng(seed).random(shape).astype(np.float32) * 900 if data is None else data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
+    return data
+
+
+def cfg(source, **kw) -> DataConfig:
+    return DataConfig(source=str(source), **kw)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "pics"
+    picture(root / "tumour" / "b.png", (20, 14), "L", seed=1)
+    picture(root / "tumour" / "a.jpg", (31, 17), "RGB", seed=2)
+    picture(root / "normal" / "c.bmp", (16, 16), "L", seed=3)
+    picture(root / "normal" / "d.tiff", (12, 25), "RGB", seed=4)
+    picture(root / "normal" / "d_seg.png", (12, 25), "L", seed=5)  # a mask: never an image
+    (root / "normal" / "notes.txt").write_text("not an image")
+    (root / "normal" / ".DS_Store").write_bytes(b"\0\1")
+    return root
+
+
+def test_class_folders_of_pictures(folder, caplog):
+    with caplog.at_level(logging.DEBUG, logger="raysynth.data.sources"):
+        raw = load_source(cfg(folder))
+    assert isinstance(raw, RawSet) and raw.kind == "images" and raw.mask_names is None
+    assert raw.class_names == ["normal", "tumour"]
+    # Sorted relative paths give the ids; file names stay in .source only.
+    assert [(s.id, s.source, s.label) for s in raw.scans] == [
+        ("s0000", "normal/c.bmp", 0), ("s0001", "normal/d.tiff", 0),
+        ("s0002", "tumour/a.jpg", 1), ("s0003", "tumour/b.png", 1),
+    ]
+    assert [s.image.shape for s in raw.scans] == [(16, 16), (25, 12), (17, 31), (14, 20)]
+    assert all(s.image.dtype == np.float32 and s.image.ndim == 2 for s in raw.scans)  # RGB read as grey
+    assert all(s.subject == s.id and s.mask is None and s.spacing == (1.0, 1.0) for s in raw.scans)
+    assert "notes.txt" in caplog.text and ".DS_Store" in caplog.text
+
+
+def test_grey_values_are_kept(tmp_path):
+    data = picture(tmp_path / "x" / "a" / "1.png", (9, 7), "L")
+    picture(tmp_path / "x" / "b" / "2.png", (9, 7), "L", seed=9)
+    raw = load_source(cfg(tmp_path / "x"))
+    np.testing.assert_array_equal(raw.scans[0].image, data.astype(np.float32))
+
+
+def test_sixteen_bit_grey_is_not_truncated(tmp_path):
+    deep = (np.arange(12 * 10, dtype=np.uint16).reshape(10, 12) * 400)  # up to 47600
+    for cls in ("a", "b"):
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        Image.fromarray(deep).save(tmp_path / "d" / cls / "x.png")
+    raw = load_source(cfg(tmp_path / "d"))
+    np.testing.assert_array_equal(raw.scans[0].image, deep.astype(np.float32))
+
+
+def test_picture_masks_for_segmentation(tmp_path):
+    root = tmp_path / "seg"
+    for i, cls in enumerate(["a", "a", "b", "b"]):
+        picture(root / cls / f"{i}.png", (10, 8), seed=i)
+        m = np.zeros((8, 10), np.uint8)
+        m[2:5, 3:7] = 255  # black-and-white mask files are common: 255 means foreground
+        Image.fromarray(m).save(root / cls / f"{i}_seg.png")
+    raw = load_source(cfg(root, task="segmentation"))
+    assert len(raw.scans) == 4 and raw.mask_names == ["background", "label_1"]
+    assert all(s.mask.dtype == np.uint8 and set(np.unique(s.mask)) == {0, 1} for s in raw.scans)
+    assert int(raw.scans[0].mask.sum()) == 12
+
+
+def test_mask_path_naming(tmp_path):
+    (tmp_path / "x.nii.gz").touch(), (tmp_path / "x_seg.nii.gz").touch()
+    (tmp_path / "y.jpg").touch(), (tmp_path / "y_seg.png").touch()
+    assert mask_path(tmp_path / "x.nii.gz", "_seg") == tmp_path / "x_seg.nii.gz"
+    assert mask_path(tmp_path / "y.jpg", "_seg") == tmp_path / "y_seg.png"
+    assert mask_path(tmp_path / "y.jpg", "_mask") is None
+
+
+def _nifti_set(root: Path, labels=("glioma", "healthy", "glioma", "healthy"), shape=(10, 12, 8)):
+    lines = ["file,label"]
+    for i, label in enumerate(labels):
+        volume(root / "vols" / f"v{i}.nii.gz", shape, seed=i)
+        seg = np.zeros(shape, np.uint8)
+        seg[3:6, 4:8, 2:6] = 1 + i % 2
+        volume(root / "vols" / f"v{i}_seg.nii.gz", data=seg)
+        lines.append(f"vols/v{i}.nii.gz,{label}")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_nifti_with_labels_csv_3d(tmp_path):
+    _nifti_set(tmp_path)
+    raw = load_source(cfg(tmp_path, dims=3, task="segmentation"))
+    assert raw.kind == "nifti" and raw.class_names == ["glioma", "healthy"]
+    assert [s.label for s in raw.scans] == [0, 1, 0, 1]
+    assert all(s.image.shape == (10, 12, 8) and s.mask.shape == (10, 12, 8) for s in raw.scans)
+    assert raw.mask_names == ["background", "label_1", "label_2"]
+    assert raw.scans[0].affine.shape == (4, 4) and raw.scans[0].spacing == (1.0, 1.0, 1.0)
+
+
+def test_nifti_is_reoriented_to_ras(tmp_path):
+    # An LPS-like affine (x and y flipped, 2 mm x voxels): canonical RAS flips both axes back.
+    affine = np.diag([-2.0, -1.0, 3.0, 1.0])
+    data = volume(tmp_path / "v" / "a.nii.gz", (6, 5, 4), affine=affine)
+    volume(tmp_path / "v" / "b.nii.gz", (6, 5, 4), affine=affine, seed=1)
+    (tmp_path / "v" / "labels.csv").write_text("file,label\na.nii.gz,0\nb.nii.gz,1\n")
+    scan = load_source(cfg(tmp_path / "v", dims=3)).scans[0]
+    np.testing.assert_allclose(scan.image, data[::-1, ::-1, :])
+    assert scan.spacing == (2.0, 1.0, 3.0)
+    assert np.all(np.diag(scan.affine)[:3] > 0)
+
+
+def test_nifti_slices_for_2d(tmp_path):
+    _nifti_set(tmp_path, shape=(10, 12, 16))
+    raw = load_source(cfg(tmp_path, dims=2, slices_per_volume=3, task="segmentation"))
+    assert len(raw.scans) == 12
+    assert [s.id for s in raw.scans[:3]] == ["s0000_z00", "s0000_z01", "s0000_z02"]
+    assert {s.subject for s in raw.scans[:3]} == {"s0000"}  # slices of a volume travel together
+    first = raw.scans[0]
+    assert first.image.shape == (12, 10) and first.mask.shape == (12, 10)  # axial plane, anterior up
+    vol = np.asarray(nib.load(tmp_path / "vols" / "v0.nii.gz").dataobj)
+    planes = [np.rot90(vol[:, :, z]) for z in range(16)]
+    assert any(np.array_equal(first.image, p) for p in planes)
+
+
+def test_integer_labels_and_class_folder_nifti(tmp_path):
+    root = tmp_path / "ints"
+    for i, label in enumerate([2, 0, 2, 0]):
+        volume(root / f"v{i}.nii", seed=i)
+    (root / "labels.csv").write_text("file,label\n" + "".join(f"v{i}.nii,{y}\n" for i, y in enumerate([2, 0, 2, 0])))
+    raw = load_source(cfg(root, dims=3))
+    assert raw.class_names == ["0", "2"] and [s.label for s in raw.scans] == [1, 0, 1, 0]
+
+    folders = tmp_path / "folders"
+    volume(folders / "a" / "x.nii.gz"), volume(folders / "b" / "y.nii.gz", seed=1)
+    volume(folders / "b" / "y_seg.nii.gz", data=np.zeros((10, 12, 8), np.uint8))
+    raw = load_source(cfg(folders, dims=3))
+    assert raw.kind == "nifti" and [s.source for s in raw.scans] == ["a/x.nii.gz", "b/y.nii.gz"]
+
+
+def test_classification_ignores_masks(tmp_path):
+    _nifti_set(tmp_path)
+    (tmp_path / "vols" / "v0_seg.nii.gz").write_bytes(b"broken, but never read")
+    raw = load_source(cfg(tmp_path, dims=3))
+    assert all(s.mask is None for s in raw.scans) and raw.mask_names is None
+
+
+def test_embedded_cohort_when_no_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYSYNTH_CACHE", str(tmp_path))
+    raw = load_source(DataConfig(num_scans=6, image_size=16))
+    assert raw.kind == "phantom" and len(raw.scans) == 6 and raw.class_names == ["healthy", "lesion"]
+
+
+def test_3d_from_pictures_is_refused(folder):
+    with pytest.raises(InputError, match="dims=3"):
+        load_source(cfg(folder, dims=3))
+
+
+@pytest.mark.skipif(not DEV_SET.is_dir(), reason=f"dev dataset not present at {DEV_SET}")
+def test_dev_dataset_loads_as_it_is():
+    raw = load_source(cfg(DEV_SET))
+    assert raw.class_names == ["glioma_tumor", "meningioma_tumor", "no_tumor", "pituitary_tumor"]
+    assert len(raw.scans) == 399 and np.bincount(raw.labels).tolist() == [100, 100, 100, 99]
+    assert all(s.image.ndim == 2 and s.image.dtype == np.float32 for s in raw.scans)
+    assert len({s.image.shape for s in raw.scans}) > 10  # mixed sizes, all accepted
+    assert raw.scans[0].id == "s0000" and "/" in raw.scans[0].source
