@@ -81,6 +81,12 @@ def test_section_digest_tracks_only_its_sections():
     assert from_dict(cfg.to_dict()) == cfg
 
 
+def test_scientific_notation_without_a_dot_is_a_number():
+    assert apply_override(Config(), "diffusion.learning_rate=5e-4").diffusion.learning_rate == 5e-4
+    with pytest.raises(ConfigError, match="diffusion.learning_rate: expected a number"):
+        apply_override(Config(), "diffusion.learning_rate=fast")
+
+
 def test_int_accepted_for_float_but_not_bool_for_int():
     cfg = apply_override(Config(), "sampling.ratio=2")
     assert isinstance(cfg.sampling.ratio, float)

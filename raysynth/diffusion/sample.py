@@ -224,10 +224,13 @@ def sample_synthetic(
             real_counts[labels_by_id[rid]] += 1
         counts = class_counts(cfg, real_counts, num_samples)
         requests = plan_requests(counts, existing_shards(out), cfg.sampling.shard_size)
+        named_counts = {fingerprint["class_names"][c]: n for c, n in counts.items()}
+        if not requests and manifest_path.is_file() and not stale and read_json(manifest_path).get("counts") == named_counts:
+            log.info("sample: fold %d is up to date (%d samples)", k, sum(counts.values()))
+            manifests.append(read_json(manifest_path))
+            continue
         if requests:
             _run_requests(cfg, layout, k, requests)
-        else:
-            log.info("sample: fold %d is up to date (%d samples)", k, sum(counts.values()))
         manifests.append(_write_manifest(cfg, layout, k, meta, counts, fingerprint))
     return manifests
 

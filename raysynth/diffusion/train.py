@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -190,85 +191,72 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from diffusers.training_utils import EMAModel
 
     from raysynth.data.schema import read_parquet
-    from raysynth.diffusion.channels import encode_joint
-    from raysynth.diffusion.networks import build_denoiser
-    from raysynth.diffusion.process import build_process
+    from raysynth.diffusion.trainer import GeneratorFit, training_tensors
 
     cfg = from_dict(config["cfg"])
     d = cfg.diffusion
     set_threads(d.cpus_per_worker)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report is ours to print
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
+    fold = config["fold"]
 
     # 1. Data: the fold's generator ids only, held in memory (hundreds of scans at most).
     data = read_parquet(config["data_path"]).subset_ids(config["train_ids"])
-    n_mask = config["num_mask_classes"]
-    x0 = encode_joint(torch.from_numpy(data.images), torch.from_numpy(data.masks) if n_mask else None, n_mask)
-    labels = torch.from_numpy(data.labels).long()
-    assert x0.shape[0] == labels.shape[0] and x0.ndim == cfg.data.dims + 2, x0.shape
+    x0, labels = training_tensors(data, config["num_mask_classes"])
 
     # 2. Model, EMA, optimiser and the noise process.
-    process = build_process(d)
-    process.check_data_scale(float(x0.std()))
-    model = build_denoiser(d, dims=cfg.data.dims, in_channels=x0.shape[1], image_size=cfg.data.image_size,
-                           num_classes=config["num_classes"])
-    ema = EMAModel(model.parameters(), decay=d.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3)
-    opt = torch.optim.AdamW(model.parameters(), lr=d.learning_rate, weight_decay=d.weight_decay)
+    fit = GeneratorFit(d, dims=cfg.data.dims, in_channels=x0.shape[1], image_size=cfg.data.image_size,
+                       num_classes=config["num_classes"], device=device)
+    fit.process.check_data_scale(float(x0.std()))
     start, history = 0, []
 
     # 3. Resume from the last reported checkpoint, if Ray Train restored one.
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as path:
-            state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            ema.load_state_dict(state["ema"])
-            start = int(state["step"])
+            start = fit.load_state_dict(torch.load(Path(path) / "state.pt", map_location=device, weights_only=False))
             history = json.loads((Path(path) / "history.json").read_text())
         if rank == 0:
-            print(f"[train fold {config['fold']}] resuming at step {start}", flush=True)
-    model = ray.train.torch.prepare_model(model)
-    ema.to(device)
+            _say(f"[train fold {fold}] resuming at step {start}")
+    fit.trained = ray.train.torch.prepare_model(fit.model)  # DDP when there are several workers
     x0, labels = x0.to(device), labels.to(device)
-    use_bf16 = device.type == "cuda"
 
     # 4. Loop. Each rank draws its own batch from a generator seeded by (seed, fold, rank, step),
     #    so a resumed run sees exactly the batches an uninterrupted one would have seen.
-    loss_ema, t_last = None, time.time()
+    loss_ema, t_last = (history[-1]["loss_ema"] if history else None), time.time()
     for step in range(start, d.train_steps):
-        g = torch.Generator(device="cpu").manual_seed(derive_seed(cfg.seed, config["fold"], rank, step))
+        g = torch.Generator(device="cpu").manual_seed(derive_seed(cfg.seed, fold, rank, step))
         idx = torch.randint(0, x0.shape[0], (d.batch_size,), generator=g).to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            loss = process.training_loss(model, x0[idx], labels[idx], generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if d.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), d.grad_clip)
-        opt.step()
-        ema.step(model.parameters())
-        value = float(loss.detach())
+        value = fit.step(x0[idx], labels[idx], generator=g)
         loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
         done = step + 1
         if done % d.log_every and done % d.checkpoint_every and done != d.train_steps:
             continue
-        metrics = {"step": done, "loss": value, "loss_ema": loss_ema, "fold": config["fold"],
-                   "seconds_per_step": (time.time() - t_last) / max(1, done - (history[-1]["step"] if history else start))}
+        since = done - (history[-1]["step"] if history else start)
+        metrics = {"step": done, "loss": value, "loss_ema": loss_ema, "fold": fold,
+                   "seconds_per_step": (time.time() - t_last) / max(1, since)}
         t_last = time.time()
         history.append(metrics)
         if rank == 0:
-            print(f"[train fold {config['fold']}] step {done}/{d.train_steps} loss {loss_ema:.4f}", flush=True)
+            _say(f"[train fold {fold}] step {done}/{d.train_steps} loss {loss_ema:.4f}")
         if done % d.checkpoint_every == 0 or done == d.train_steps:
-            _report_with_checkpoint(metrics, history, model, ema, opt, done, rank)
+            _report_with_checkpoint(metrics, history, fit, done, rank)
         else:
             ray.train.report(metrics)
 
 
-def _report_with_checkpoint(metrics, history, model, ema, opt, step, rank) -> None:
+def _say(message: str) -> None:
+    # Ray Train routes print() through the root logger, which doubles lines; stdout is forwarded once.
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def _report_with_checkpoint(metrics: dict, history: list, fit, step: int, rank: int) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint: state, EMA denoiser, loss history."""
     import ray.train
     import torch
 
@@ -276,14 +264,8 @@ def _report_with_checkpoint(metrics, history, model, ema, opt, step, rank) -> No
         checkpoint = None
         if rank == 0:
             path = Path(tmp)
-            raw = model.module if hasattr(model, "module") else model
-            torch.save({"model": raw.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict(),
-                        "step": step}, path / "state.pt")
-            # The EMA weights, as a standalone denoiser, are what the sampler loads.
-            ema.store(raw.parameters())
-            ema.copy_to(raw.parameters())
-            raw.save_pretrained(path / "ema")
-            ema.restore(raw.parameters())
+            torch.save(fit.state_dict(step), path / "state.pt")
+            fit.save_ema(path / "ema")  # what the sampler loads
             (path / "history.json").write_text(json.dumps(history))
             (path / "progress.json").write_text(json.dumps({"step": step}))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)

@@ -84,7 +84,7 @@ def run_trial(config: dict) -> None:
         cfg.data.task, train, test,
         num_classes=int(fingerprint["num_classes"]),
         num_mask_classes=int(fingerprint.get("num_mask_classes") or 0) or None,
-        epochs=st.epochs, batch_size=st.batch_size, learning_rate=st.learning_rate, width=st.width, seed=seed,
+        epochs=st.epochs, batch_size=st.batch_size, learning_rate=st.lr_for(cfg.data.task), width=st.width, seed=seed,
         device="cuda" if torch.cuda.is_available() and st.gpus_per_trial > 0 else "cpu",
         class_names=fingerprint["class_names"],
     )
