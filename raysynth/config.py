@@ -128,9 +128,26 @@ class SamplingConfig:
 
 @dataclass
 class StudyConfig:
-    """The Ray Tune grid of downstream CNNs: arm x fold x seed."""
+    """The Ray Tune grid of downstream CNNs: arm (x ratio) x real fraction x fold x seed."""
 
-    arms: list[Arm] = field(default_factory=lambda: ["baseline", "augmented"])
+    # Unannotated, so a class constant and not a config key.
+    ARMS = {
+        "baseline": "real training data only",
+        "classical": "real data with classical MRI augmentation (flips, affine, elastic, bias field, noise, gamma)",
+        "synthetic": "real data plus synthetic data at each ratio",
+        "synthetic+classical": "real plus synthetic data at each ratio, with classical augmentation",
+        "synthetic_only": "synthetic data only at each ratio (tested on real data)",
+    }
+    """Valid arm names and what each trains on; every arm uses the same splits and seeds."""
+
+    arms: list[str] = field(default_factory=lambda: ["baseline", "synthetic"])
+    ratios: Optional[list[float]] = None
+    """Synthetic per real training sample of each class, one arm per ratio for every synthetic arm.
+    None: ``[sampling.ratio]``. Samples are drawn once at the largest ratio; smaller ratios take
+    the first samples of each class, so their sets are nested."""
+    real_fractions: list[float] = field(default_factory=lambda: [1.0])
+    """Scarcity curve: fractions of each fold's real training part (nested stratified subsets);
+    synthetic arms get one generator per (fold, fraction), trained on that subset only."""
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     epochs: int = 15
     batch_size: int = 32
@@ -148,6 +165,9 @@ class StudyConfig:
             return self.learning_rate
         return 1e-2 if task == "segmentation" else 1e-3
 
+    def ratios_for(self, sampling_ratio: float) -> list[float]:
+        return list(self.ratios) if self.ratios is not None else [float(sampling_ratio)]
+
 
 @dataclass
 class QualityConfig:
@@ -158,6 +178,13 @@ class QualityConfig:
     feature_dim: int = 64
     knn: int = 3
     ncc_threshold: float = 0.95
+    reference_quantile: Optional[float] = 0.99
+    """Raise the NCC threshold to this quantile of held-out real scans' nearest-training NCC.
+
+    Scans of one subject (the embedded cohort, the paper's data) are all alike: distinct real scans
+    reach NCC 0.96-0.98 with each other, so a fixed 0.95 would flag every faithful sample. A
+    synthetic sample is a near-copy when it is closer to a training image than genuinely new real
+    scans are. None: use ``ncc_threshold`` alone."""
     max_memorised_fraction: float = 0.01
     drop_memorised: bool = False
 
@@ -245,10 +272,25 @@ class Config:
             raise ConfigError(f"sampling.max_actors: {s.max_actors} is below sampling.min_actors ({s.min_actors})")
         if not st.arms:
             raise ConfigError("study.arms: at least one arm is needed")
+        for arm in st.arms:
+            if arm not in StudyConfig.ARMS:
+                raise ConfigError(f"study.arms: {arm!r} is not valid; choose from {list(StudyConfig.ARMS)}")
+        if len(set(st.arms)) != len(st.arms):
+            raise ConfigError(f"study.arms: {st.arms} lists an arm twice")
+        if st.ratios is not None and (not st.ratios or any(r <= 0 for r in st.ratios) or len(set(st.ratios)) != len(st.ratios)):
+            raise ConfigError(f"study.ratios: {st.ratios} must be distinct numbers > 0 (or null for [sampling.ratio])")
+        if st.ratios is None and s.ratio <= 0 and any(a.startswith("synthetic") for a in st.arms):
+            raise ConfigError("study.ratios: synthetic arms need a ratio > 0; set study.ratios or sampling.ratio")
+        if not st.real_fractions or any(not 0.0 < p <= 1.0 for p in st.real_fractions) \
+                or len(set(st.real_fractions)) != len(st.real_fractions):
+            raise ConfigError(f"study.real_fractions: {st.real_fractions} must be distinct fractions in (0, 1]")
         if not st.seeds:
             raise ConfigError("study.seeds: at least one seed is needed")
         _positive("study.epochs", st.epochs)
         _positive("study.batch_size", st.batch_size)
+        rq = self.quality.reference_quantile
+        if rq is not None and not 0.0 < rq <= 1.0:
+            raise ConfigError(f"quality.reference_quantile: {rq} must lie in (0, 1] or be null")
         if not 0.0 < self.quality.ncc_threshold <= 1.0:
             raise ConfigError(f"quality.ncc_threshold: {self.quality.ncc_threshold} must lie in (0, 1]")
         return self

@@ -48,7 +48,9 @@ def plot_ncc_histograms(per_fold: Sequence[dict], threshold: float, path: str | 
         raise ValueError("per_fold: nothing to plot")
     n = len(per_fold)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False, sharey=False)
+    default_threshold = threshold
     for ax, item in zip(axes[0], per_fold):
+        threshold = float(item.get("threshold", default_threshold))  # a fold may have its own (relative) gate
         synth = np.asarray(item["synthetic"], dtype=float)
         ref = item.get("reference")
         lo = min(float(synth.min()) if synth.size else 0.0,

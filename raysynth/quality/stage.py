@@ -98,8 +98,9 @@ def assess_quality(cfg: Config, layout: Layout, force: bool = False) -> dict[str
         if task == "segmentation" else "image",
         "privacy_passed": passed,
         "privacy_passed_after_drop": True if q.drop_memorised else passed,
-        "gate": {"ncc_threshold": q.ncc_threshold, "max_memorised_fraction": q.max_memorised_fraction,
-                 "drop_memorised": q.drop_memorised},
+        "gate": {"ncc_threshold": q.ncc_threshold, "reference_quantile": q.reference_quantile,
+                 "effective_thresholds": {str(r["fold"]): r["gate"]["threshold"] for r in fold_reports},
+                 "max_memorised_fraction": q.max_memorised_fraction, "drop_memorised": q.drop_memorised},
         "encoder": {"kind": q.encoder, "per_fold": [
             {"fold": r["fold"], **{k: r["encoder"].get(k) for k in ("kind", "objective", "train_accuracy",
                                                                      "heldout_accuracy")}} for r in fold_reports]},
@@ -123,7 +124,7 @@ def raise_if_failed(summary: dict[str, Any]) -> None:
                     f"({100 * r['gate']['fraction']:.1f}%)" for r in summary["folds"] if not r["gate"]["passed"])
     action = "dropped before the study" if gate["drop_memorised"] else "set quality.drop_memorised to drop them"
     raise PrivacyGateError(
-        f"privacy gate failed: synthetic samples with NCC > {gate['ncc_threshold']:g} to a training image exceed "
+        f"privacy gate failed: synthetic samples with NCC above the gate threshold to a training image exceed "
         f"{100 * gate['max_memorised_fraction']:g}% ({bad}); {action}; see quality/ncc_hist.png")
 
 
@@ -202,6 +203,14 @@ def _diversity(images: np.ndarray, seed: int) -> Optional[dict]:
     return ms_ssim_diversity(images, DIVERSITY_PAIRS, seed) if len(images) >= 2 else None
 
 
+def effective_threshold(ncc_threshold: float, reference_quantile: Optional[float], reference: np.ndarray) -> float:
+    """The gate's NCC threshold: the configured one, raised to ``reference_quantile`` of the
+    held-out real scans' nearest-training NCC when that reference exists."""
+    if reference_quantile is None or len(reference) == 0:
+        return float(ncc_threshold)
+    return float(max(ncc_threshold, np.quantile(reference, reference_quantile)))
+
+
 def _summary(values: np.ndarray, threshold: Optional[float] = None) -> dict[str, Any]:
     if len(values) == 0:
         return {"n": 0}
@@ -261,7 +270,8 @@ def _assess_fold(cfg: Config, layout: Layout, real: ImageSet, class_names: list[
     ref_ncc, _ = nearest_ncc(held.images, train.images) if len(held) else (np.zeros(0), None)
     feat_sim, feat_idx = nearest_feature(f_synth, f_train, "cosine")
     ref_feat, _ = nearest_feature(f_held, f_train, "cosine") if len(held) else (np.zeros(0), None)
-    gate = privacy_gate(best_ncc, q.ncc_threshold, q.max_memorised_fraction)
+    threshold = effective_threshold(q.ncc_threshold, q.reference_quantile, ref_ncc)
+    gate = privacy_gate(best_ncc, threshold, q.max_memorised_fraction)
     gate["offending_ids"] = [synth.ids[i] for i in gate.pop("offending_indices")]
     order = np.argsort(-best_ncc, kind="stable")[:CLOSEST_PAIRS]
     closest = [{"synthetic_id": synth.ids[i], "real_id": train.ids[best_idx[i]], "ncc": float(best_ncc[i]),
@@ -273,11 +283,11 @@ def _assess_fold(cfg: Config, layout: Layout, real: ImageSet, class_names: list[
                           for i in np.argsort(-feat_sim, kind="stable")[:CLOSEST_PAIRS]]
     pairs_png = f"nearest_pairs_fold{fold}.png"
     figures.plot_nearest_pairs(synth.images[order], train.images[best_idx[order]], best_ncc[order],
-                               layout.quality / pairs_png, fold, q.ncc_threshold,
+                               layout.quality / pairs_png, fold, threshold,
                                captions=[f"{p['synthetic_label']} / {p['real_label']}" for p in closest])
-    per_class_ncc = {n: _summary(best_ncc[synth.labels == c], q.ncc_threshold) for n, c in groups.items() if c is not None}
+    per_class_ncc = {n: _summary(best_ncc[synth.labels == c], threshold) for n, c in groups.items() if c is not None}
     logger.info("quality: fold %d: %d/%d samples above NCC %.3g; gate %s", fold, gate["count"], gate["total"],
-                q.ncc_threshold, "passed" if gate["passed"] else "FAILED")
+                threshold, "passed" if gate["passed"] else "FAILED")
     report = {
         "fold": fold,
         "train_ids_source": source,
@@ -287,8 +297,8 @@ def _assess_fold(cfg: Config, layout: Layout, real: ImageSet, class_names: list[
         "metrics": metrics,
         "diversity": diversity,
         "memorisation": {
-            "ncc": {"synthetic": _summary(best_ncc, q.ncc_threshold), "per_class": per_class_ncc,
-                    "reference_heldout": _summary(ref_ncc, q.ncc_threshold)},
+            "ncc": {"synthetic": _summary(best_ncc, threshold), "per_class": per_class_ncc,
+                    "reference_heldout": _summary(ref_ncc, threshold)},
             "feature_cosine": {"synthetic": _summary(feat_sim), "reference_heldout": _summary(ref_feat),
                                "same_nearest_as_ncc": float(np.mean(feat_idx == best_idx)) if len(synth) else None},
             "closest_pairs": closest,
@@ -297,7 +307,7 @@ def _assess_fold(cfg: Config, layout: Layout, real: ImageSet, class_names: list[
         "gate": gate,
         "figures": {"nearest_pairs": pairs_png},
     }
-    return report, {"fold": fold, "synthetic": best_ncc, "reference": ref_ncc}
+    return report, {"fold": fold, "synthetic": best_ncc, "reference": ref_ncc, "threshold": threshold}
 
 
 def _of(labels: np.ndarray, c: Optional[int]) -> np.ndarray:

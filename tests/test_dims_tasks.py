@@ -1,0 +1,58 @@
+"""`--dims 2|3` x `--task classification|segmentation` all run through the same stages and artifacts.
+
+2D classification is covered in depth by test_pipeline_e2e.py; here the other three combinations
+run the smoke pipeline (shortened further) and check what is specific to them: NIfTI volumes,
+masks generated with every image, segmentation metrics.
+"""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from raysynth.cli import main
+from raysynth.data.schema import read_parquet
+from raysynth.layout import Layout, read_json
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--set", "diffusion.train_steps=10", "--set", "diffusion.checkpoint_every=10", "--set", "study.epochs=1",
+        "--set", "sampling.steps=3", "--set", "quality.encoder_epochs=1"]
+
+
+@pytest.mark.parametrize("dims, task", [(2, "segmentation"), (3, "classification"), (3, "segmentation")])
+def test_smoke_pipeline(ray_session, tmp_path, dims, task):
+    out = tmp_path / f"{dims}d-{task}"
+    code = main(["pipeline", "--preset", "smoke", "--dims", str(dims), "--task", task, "--out", str(out), "-q", *FAST])
+    assert code == 0
+    L = Layout.at(out)
+    fp = read_json(L.fingerprint)
+    assert fp["dims"] == dims and fp["task"] == task
+    assert len(fp["shape"]) == dims
+    manifest = read_json(L.synthetic(0) / "manifest.json")
+    synthetic = read_parquet([L.synthetic(0) / s for s in manifest["shards"]])
+    assert synthetic.images.shape[1:] == tuple(fp["shape"])
+    if task == "segmentation":
+        # Every synthetic image comes with its mask, with labels from the real schema.
+        assert synthetic.masks is not None and synthetic.masks.shape == synthetic.images.shape
+        assert int(synthetic.masks.max()) < fp["num_mask_classes"]
+    else:
+        assert synthetic.masks is None
+    if dims == 3:
+        for sample in manifest["samples"]:
+            img = nib.load(L.synthetic(0) / sample["path"])
+            assert img.shape == tuple(fp["shape"])
+            assert int(img.header["sform_code"]) > 0 and int(img.header["qform_code"]) > 0
+            np.testing.assert_allclose(img.header.get_zooms(), fp["spacing"], rtol=1e-5)
+            assert img.header["descrip"].item() in (b"", "")
+            if task == "segmentation":
+                seg = nib.load(L.synthetic(0) / sample["path"].replace(".nii.gz", "_seg.nii.gz"))
+                assert seg.get_data_dtype() == np.uint8 and seg.shape == img.shape
+        assert (L.report / "synthetic_volumes.png").is_file()
+    rows = pq.read_table(L.study / "results.parquet").to_pylist()
+    headline = "mean_dice" if task == "segmentation" else "balanced_accuracy"
+    assert rows and all(headline in r and r[headline] is not None for r in rows)
+    report = read_json(L.report / "report.json")
+    assert headline in report["metrics"]
