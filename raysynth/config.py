@@ -101,6 +101,9 @@ class DiffusionConfig:
     checkpoint_every: int = 500
     max_failures: int = 2
     parallel_folds: bool = True
+    max_parallel_folds: Optional[int] = None
+    """Folds training at once; None: as many as the cluster's current CPUs/GPUs hold. On an
+    autoscaling cluster that starts from zero GPU nodes, set it to the number of GPU nodes wanted."""
     log_every: int = 50
 
 

@@ -100,11 +100,34 @@ def train_generators(
             # The driver-side call of each TorchTrainer blocks, so each fold's fit runs in a
             # zero-CPU task; the workers themselves reserve the real resources.
             fit_remote = ray.remote(num_cpus=0)(_fit_fold)
-            ray.get([fit_remote.remote(cfg.to_dict(), str(layout.root), k, ids, test, fingerprint) for k, ids, test in jobs])
+            slots = fold_slots(cfg)
+            log.info("train: %d folds, at most %d at a time", len(jobs), slots)
+            waiting, running = list(jobs), []
+            while waiting or running:
+                while waiting and len(running) < slots:  # a fit that cannot get workers would time out
+                    k, ids, test = waiting.pop(0)
+                    running.append(fit_remote.remote(cfg.to_dict(), str(layout.root), k, ids, test, fingerprint))
+                done, running = ray.wait(running, num_returns=1)
+                ray.get(done)
         else:
             for k, ids, test in jobs:
                 _fit_fold(cfg.to_dict(), str(layout.root), k, ids, test, fingerprint)
     return [read_json(layout.ddpm(f["fold"]) / "config.json") for f in splits if f["fold"] in wanted]
+
+
+def fold_slots(cfg: Config) -> int:
+    """How many folds can train at once: ``diffusion.max_parallel_folds``, else what the cluster
+    holds now (CPUs, and GPUs when used) divided by one fit's workers; at least 1."""
+    import ray
+
+    d = cfg.diffusion
+    if d.max_parallel_folds is not None:
+        return d.max_parallel_folds
+    res = ray.cluster_resources()
+    slots = int(res.get("CPU", 0) // max(1, d.num_workers * d.cpus_per_worker))
+    if d.use_gpu:
+        slots = min(slots, int(res.get("GPU", 0) // d.num_workers))
+    return max(1, slots)
 
 
 def run_name(fold: int) -> str:
