@@ -17,6 +17,7 @@ log = logging.getLogger("raysynth")
 COMMANDS = {
     "config": "print the fully resolved config as YAML",
     "prepare": "preprocess real scans: data.parquet, fingerprint.json, splits.json",
+    "tune": "Ray Tune search over diffusion gamma and learning rate (and process), scored on sample FD",
     "train": "train one DDPM per fold with Ray Train",
     "sample": "sample synthetic shards per fold with Ray Data",
     "quality": "fidelity, diversity and the memorisation (privacy) gate",
@@ -104,6 +105,12 @@ def _run(args: argparse.Namespace, cfg, layout: Layout) -> int:
             print("  " + line)
     if args.command == "quality":
         raise_if_failed(result)
+    if args.command == "tune":
+        best = result["best"]
+        gamma = f" gamma={best['gamma']:.4g}" if best.get("gamma") is not None else ""
+        print(f"  best {best['process']}{gamma} lr={best['learning_rate']:.3g}: FD {best['best_fd']:.4g} "
+              f"(real-vs-real {result['reference_fd']:.4g})")
+        print(f"  next: raysynth train --config {layout.root / 'tune' / 'best.yaml'}")
     print(f"raysynth {args.command} finished in {time.time() - t0:.0f}s; output in {layout.root}")
     return 0
 

@@ -193,6 +193,42 @@ class QualityConfig:
 
 
 @dataclass
+class TuningConfig:
+    """``raysynth tune``: a Ray Tune search over diffusion.gamma and learning rate (and process),
+    scored on the Fréchet distance of samples to held-out real images, never on the loss (losses
+    at different gammas live on different noise scales)."""
+
+    num_samples: int = 8
+    """Trials."""
+    trial_steps: int = 400
+    """Optimiser steps of a trial that ASHA never stops."""
+    eval_every: int = 100
+    """Steps between FD evaluations (each one is an ASHA report)."""
+    eval_samples: int = 64
+    eval_steps: int = 10
+    ddpm_sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"
+    gamma_sampler: Literal["euler", "heun"] = "heun"
+    gamma_min: float = 2.0
+    """sigma_max = sqrt(2 gamma) from 2 ..."""
+    gamma_max: float = 2000.0
+    """... to 63 (EDM's sigma_max = 80 is gamma = 3200)."""
+    lr_min: float = 3e-5
+    lr_max: float = 3e-3
+    processes: list[Process] = field(default_factory=lambda: ["gamma"])
+    grace_period: int = 100
+    """Steps before ASHA may stop a trial."""
+    reduction_factor: float = 2.0
+    val_fraction: float = 0.2
+    """Share of the tuning fold's training part held out to score FD (its test part is never used)."""
+    fold: int = 0
+    cpus_per_trial: int = 1
+    gpus_per_trial: float = 0.0
+    """Fractional on a GPU cluster, e.g. 0.25."""
+    max_concurrent_trials: int = 0
+    """0: as many as the resources allow."""
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None
     """None: join RAY_ADDRESS if set, else start a local instance."""
@@ -207,6 +243,7 @@ class Config:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    tune: TuningConfig = field(default_factory=TuningConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     seed: int = 0
 
@@ -316,6 +353,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sampling": {"steps": 5, "ratio": 0.5, "batch_size": 32, "shard_size": 32, "max_actors": 1},
         "study": {"seeds": [0], "epochs": 2, "width": 8},
         "quality": {"encoder_epochs": 2, "feature_dim": 16},
+        "tune": {"num_samples": 3, "trial_steps": 20, "eval_every": 10, "grace_period": 10, "eval_samples": 16,
+                 "eval_steps": 4},
     },
     # The README's main command (the dataclass defaults): 557 scans at 32x32, 4 folds, a
     # 1200-step generator per fold on at most 350 scans (as in the paper); ~20 minutes on 2 cores.
@@ -331,6 +370,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "sampler": "dpmsolver++"},
         "study": {"seeds": [0, 1, 2], "epochs": 40, "width": 32, "gpus_per_trial": 0.25},
         "quality": {"encoder_epochs": 30, "feature_dim": 128},
+        "tune": {"num_samples": 32, "trial_steps": 5000, "eval_every": 500, "grace_period": 1000,
+                 "reduction_factor": 3.0, "eval_samples": 512, "eval_steps": 20, "processes": ["ddpm", "gamma"],
+                 "cpus_per_trial": 2, "gpus_per_trial": 0.25},
     },
 }
 

@@ -92,3 +92,13 @@ def test_int_accepted_for_float_but_not_bool_for_int():
     assert isinstance(cfg.sampling.ratio, float)
     with pytest.raises(ConfigError):
         apply_override(Config(), "sampling.steps=true")
+
+
+def test_tune_settings_are_the_config_section():
+    import dataclasses
+
+    from raysynth.config import TuningConfig
+    from raysynth.diffusion.tune import DEFAULT_SETTINGS
+
+    assert dataclasses.asdict(TuningConfig()) == DEFAULT_SETTINGS
+    assert load_config("smoke").tune.trial_steps == 20
