@@ -359,7 +359,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The README's main command (the dataclass defaults): 557 scans at 32x32, 4 folds, a
     # 1200-step generator per fold on at most 350 scans (as in the paper); ~20 minutes on 2 cores.
     "default": {},
-    # A cloud GPU cluster: bigger images and networks, GPU workers and actors.
+    # A cloud GPU cluster: bigger images and networks, GPU workers and actors. DDIM, not DPM-Solver++:
+    # on our trained DDPMs DPM-Solver++ gave per-sample brightness drift and worse FD (BENCHMARKS.md).
     "gpu": {
         "data": {"image_size": 128},
         "cv": {"folds": 5},
@@ -367,7 +368,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                       "train_steps": 30000, "batch_size": 64, "use_gpu": True, "num_workers": 4,
                       "checkpoint_every": 2000, "learning_rate": 1e-4, "ema_decay": 0.9999},
         "sampling": {"batch_size": 256, "max_actors": 8, "gpus_per_actor": 1.0, "steps": 50,
-                     "sampler": "dpmsolver++"},
+                     "sampler": "ddim"},
         "study": {"seeds": [0, 1, 2], "epochs": 40, "width": 32, "gpus_per_trial": 0.25},
         "quality": {"encoder_epochs": 30, "feature_dim": 128},
         "tune": {"num_samples": 32, "trial_steps": 5000, "eval_every": 500, "grace_period": 1000,
