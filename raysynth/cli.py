@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace):
     overrides = list(args.overrides)
     if args.data is not None:
-        overrides.insert(0, f"data.source={args.data}")
+        # JSON is valid YAML: a path is taken literally ("#", "null", "~" or digits stay a path).
+        overrides.insert(0, f"data.source={json.dumps(args.data)}")
     if args.dims is not None:
         overrides.insert(0, f"data.dims={args.dims}")
     if args.task is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -97,7 +98,8 @@ def source_signature(source: Optional[str]) -> Optional[str]:
     h = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         stat = path.stat()
-        h.update(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        # fsencode: a file name need not be valid UTF-8 (surrogate escapes would not encode).
+        h.update(os.fsencode(path.relative_to(root)) + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 

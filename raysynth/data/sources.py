@@ -153,6 +153,11 @@ def _is_input(path: Path, mask_suffix: str) -> bool:
 
 def _folder_entries(root: Path, data_cfg) -> tuple[list[tuple[Path, int]], list[str]]:
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    real_root = root.resolve()
+    for p in folders:  # a link back up would turn every image into a second class
+        real = p.resolve()
+        if real == real_root or real_root.is_relative_to(real):
+            raise InputError(f"data.source: {p.name} is a symlink loop back to {root}")
     if not folders:
         loose = [p for p in root.iterdir() if _is_input(p, data_cfg.mask_suffix)]
         if loose:
@@ -160,7 +165,8 @@ def _folder_entries(root: Path, data_cfg) -> tuple[list[tuple[Path, int]], list[
         raise InputError(f"data.source: empty folder, no images found in {root}")
     entries = []
     for label, folder in enumerate(folders):
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and _is_input(p, data_cfg.mask_suffix))
+        # Links named like images are kept even when broken or looping: they must be reported, not dropped.
+        files = sorted(p for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and _is_input(p, data_cfg.mask_suffix))
         if not files and any(folder.iterdir()):
             logger.warning("class folder %s holds no images", folder)
         entries += [(p, label) for p in files]
@@ -174,11 +180,14 @@ def _folder_entries(root: Path, data_cfg) -> tuple[list[tuple[Path, int]], list[
 
 def _csv_entries(root: Path, data_cfg) -> tuple[list[tuple[Path, int]], list[str]]:
     table = root / "labels.csv"
-    with open(table, newline="") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"file", "label"} <= {c.strip() for c in reader.fieldnames}:
-            raise InputError(f"{table}: needs the columns file,label; found {reader.fieldnames}")
-        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or not {"file", "label"} <= {c.strip() for c in reader.fieldnames}:
+                raise InputError(f"{table}: needs the columns file,label; found {reader.fieldnames}")
+            rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{table}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
     rows = [r for r in rows if r.get("file")]
     if not rows:
         raise InputError(f"{table}: empty, no rows")
@@ -252,7 +261,11 @@ def _axial_indices(depth: int, count: int) -> list[int]:
 
 
 def _read_array(path: Path, rel: str, is_mask: bool) -> tuple[np.ndarray, tuple[float, ...], Optional[np.ndarray]]:
-    if path.stat().st_size == 0:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:  # a dangling or looping symlink
+        raise _BadFile(f"{rel}: unreadable ({_why(exc)})") from None
+    if size == 0:
         raise _BadFile(f"{rel}: zero-byte file")
     return _read_nifti(path, rel, is_mask) if _is_nifti(path) else _read_picture(path, rel, is_mask)
 
@@ -268,6 +281,10 @@ def _read_nifti(path: Path, rel: str, is_mask: bool):
     # Size from the header, before a single voxel is read: a corrupt header must not exhaust memory.
     if not shape or int(np.prod(shape, dtype=np.float64)) > MAX_VOXELS or max(shape) > 4096:
         raise _BadFile(f"{rel}: implausible header size {shape}")
+    if min(shape) < 1:
+        raise _BadFile(f"{rel}: empty dimension in header size {shape}")
+    if not np.isfinite(img.affine).all():
+        raise _BadFile(f"{rel}: non-finite voxel-to-world affine")
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
     elif len(shape) == 4 or len(shape) > 4:
