@@ -1,13 +1,17 @@
 """Where each stage writes its artifact: one folder per stage under the output root.
 
 ```
-OUT/prepared/    data.parquet, fingerprint.json, splits.json
+OUT/prepared/    data.parquet, fingerprint.json, splits.json, subsets.json (scarcity curve)
 OUT/ddpm/fold_k/ checkpoint/, config.json, train_ids.json, metrics.jsonl
 OUT/synthetic/fold_k/ part-*.parquet, nifti/*.nii.gz, manifest.json, grid_*.png
 OUT/quality/     quality.json, figures
 OUT/study/       results.parquet, predictions.parquet
-OUT/report/      report.json, report.md, *.png
+OUT/report/      report.json, report.html, report.md, *.png
 ```
+
+A scarcity study (``study.real_fractions``) adds one generator and one synthetic set per
+(fold, fraction) below 1: ``OUT/ddpm/fold_k_p25`` for 25%, ``OUT/synthetic/fold_k_p25``. The full
+training part keeps the plain ``fold_k`` names, so runs without a scarcity curve look as before.
 """
 
 from __future__ import annotations
@@ -44,13 +48,19 @@ class Layout:
     def splits(self) -> Path:
         return self.prepared / "splits.json"
 
+    @property
+    def subsets(self) -> Path:
+        """Nested real-data subsets of every fold's training part, one per real fraction; a
+        refinement of splits.json, written by the first stage that needs it (train or study)."""
+        return self.prepared / "subsets.json"
+
     # train
-    def ddpm(self, fold: int) -> Path:
-        return self.root / "ddpm" / f"fold_{fold}"
+    def ddpm(self, fold: int, fraction: float = 1.0) -> Path:
+        return self.root / "ddpm" / f"fold_{fold}{fraction_tag(fraction)}"
 
     # sample
-    def synthetic(self, fold: int) -> Path:
-        return self.root / "synthetic" / f"fold_{fold}"
+    def synthetic(self, fold: int, fraction: float = 1.0) -> Path:
+        return self.root / "synthetic" / f"fold_{fold}{fraction_tag(fraction)}"
 
     @property
     def quality(self) -> Path:
@@ -68,6 +78,15 @@ class Layout:
     def ray_storage(self) -> Path:
         """Ray Train / Tune run folders (checkpoints, trial state)."""
         return self.root / "ray"
+
+
+def fraction_tag(fraction: float) -> str:
+    """Folder suffix of a real-data fraction: "" for the whole training part, "_p25" for 25%."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction: {fraction} must lie in (0, 1]")
+    if fraction == 1.0:
+        return ""
+    return "_p" + f"{fraction * 100:g}".replace(".", "_")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -37,11 +37,15 @@ def run_stage(name: str, cfg: Config, layout: Layout, *, force: bool = False, fo
         from raysynth.study.cv import run_study
 
         return run_study(cfg, layout, force=force)
+    if name == "tune":  # optional, before train: search gamma and the learning rate
+        from raysynth.diffusion.tune import search
+
+        return search(cfg, layout, force=force)
     if name == "report":
         from raysynth.study.report import write_report
 
         return write_report(cfg, layout)
-    raise ValueError(f"unknown stage {name!r}; choose one of {list(STAGES)}")
+    raise ValueError(f"unknown stage {name!r}; choose one of {[*STAGES, 'tune']}")
 
 
 def run_pipeline(cfg: Config, layout: Layout, *, force: bool = False) -> dict[str, Any]:

@@ -75,18 +75,20 @@ def test_study_grid_and_report(smoke_run):
     folds = len(read_json(L.splits)["folds"])
     assert len(rows) == len(cfg.study.arms) * folds * len(cfg.study.seeds)
     assert {r["arm"] for r in rows} == set(cfg.study.arms)
-    aug = [r for r in rows if r["arm"] == "augmented"]
+    aug = [r for r in rows if r["arm"] == "synthetic"]
     base = [r for r in rows if r["arm"] == "baseline"]
     assert all(r["n_synthetic"] > 0 for r in aug) and all(r["n_synthetic"] == 0 for r in base)
+    assert {r["condition"] for r in aug} == {f"synthetic x{cfg.sampling.ratio:g}"}
     # Same splits for every arm: the test sets of a (fold, seed) pair are identical.
     assert {(r["fold"], r["n_test"]) for r in aug} == {(r["fold"], r["n_test"]) for r in base}
     report = read_json(L.report / "report.json")
-    assert "augmented" in report["comparisons"]
-    comp = report["comparisons"]["augmented"]["balanced_accuracy"]
-    assert comp["n"] == folds and "t_p" in comp and "wilcoxon_p" in comp
+    assert list(report["comparisons"]) == ["1"]  # one real-data size: the whole training part
+    comp = report["comparisons"]["1"][f"synthetic x{cfg.sampling.ratio:g}"]["balanced_accuracy"]
+    assert comp["n"] == folds and "t_p" in comp and "wilcoxon_p" in comp and "nb_p" in comp
     assert report["packages"]["ray"].startswith("2.60")
     md = (L.report / "report.md").read_text()
     assert "Paired comparison against baseline" in md and "paired_differences.png" in md
+    assert (L.report / "report.html").read_text().count("data:image/png;base64,") >= 5
 
 
 def test_a_rerun_skips_finished_work(smoke_run, capsys):

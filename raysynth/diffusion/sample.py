@@ -10,6 +10,10 @@ turn each into ``part-c{c}-{lo}-{hi}.parquet`` (plus one ``.nii.gz`` per sample 
 atomically (temporary file, then rename), and return only metadata, so the driver's memory stays
 flat however many samples are asked for. A rerun after a crash finds the finished shards by
 name and asks only for the rest.
+
+Every generator is sampled: one per fold, plus one per (fold, real fraction) of a scarcity
+curve, each into its own folder (``layout.synthetic(fold, fraction)``), at the largest ratio the
+study asks for (``study.ratios``); smaller ratios use the first samples of each class.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import pyarrow.parquet as pq
 
 from raysynth.config import Config, from_dict
 from raysynth.errors import StageError
-from raysynth.layout import Layout, read_json, write_json
+from raysynth.layout import Layout, fraction_tag, read_json, write_json
 from raysynth.runtime import derive_seed, ensure_ray, set_threads
 
 log = logging.getLogger(__name__)
@@ -38,31 +42,35 @@ def shard_name(label: int, lo: int, hi: int) -> str:
     return f"part-c{label}-{lo:07d}-{hi:07d}.parquet"
 
 
-def sample_id(fold: int, label: int, index: int) -> str:
-    return f"syn-f{fold}-c{label}-{index:07d}"
+def sample_id(fold: int, label: int, index: int, fraction: float = 1.0) -> str:
+    return f"syn-f{fold}{fraction_tag(fraction)}-c{label}-{index:07d}"
 
 
 def sample_seed(base: int, fold: int, label: int, index: int) -> int:
+    # Deliberately independent of the real fraction: the generators of one fold start sample j
+    # from the same noise, so sizes are compared with common random numbers.
     return derive_seed(base, fold, label, index) % 2**63
 
 
-def class_counts(cfg: Config, real_counts: dict[int, int], num_samples: Optional[int]) -> dict[int, int]:
+def class_counts(cfg: Config, real_counts: dict[int, int], num_samples: Optional[int],
+                 ratio: Optional[float] = None) -> dict[int, int]:
     """How many synthetic samples each class gets.
 
     ``balanced``: every class gets ``ratio x`` the largest real class (or an equal share of
     ``num_samples``), which also rebalances a skewed real set. ``proportional``: each class gets
-    ``ratio x`` its own real count (or its share of ``num_samples``).
+    ``ratio x`` its own real count (or its share of ``num_samples``). ``ratio`` defaults to
+    ``sampling.ratio``.
     """
+    from raysynth.study.design import synthetic_counts
+
     classes = sorted(real_counts)
     total = cfg.sampling.num_samples if num_samples is None else num_samples
+    if total is None:
+        return synthetic_counts(real_counts, cfg.sampling.ratio if ratio is None else ratio, cfg.sampling.class_balance)
     if cfg.sampling.class_balance == "balanced":
-        if total is None:
-            return {c: int(round(cfg.sampling.ratio * max(real_counts.values()))) for c in classes}
         base, extra = divmod(total, len(classes))
         return {c: base + (1 if i < extra else 0) for i, c in enumerate(classes)}
     n_real = sum(real_counts.values())
-    if total is None:
-        return {c: int(round(cfg.sampling.ratio * real_counts[c])) for c in classes}
     exact = {c: total * real_counts[c] / n_real for c in classes}
     counts = {c: int(math.floor(v)) for c, v in exact.items()}
     for c in sorted(classes, key=lambda c: exact[c] - counts[c], reverse=True)[: total - sum(counts.values())]:
@@ -109,7 +117,7 @@ class ShardSampler:
     metadata row per shard written.
     """
 
-    def __init__(self, cfg_dict: dict, root: str, fold: int, cpus: float) -> None:
+    def __init__(self, cfg_dict: dict, root: str, fold: int, cpus: float, fraction: float = 1.0) -> None:
         import torch
 
         from raysynth.diffusion.train import load_generator
@@ -117,12 +125,12 @@ class ShardSampler:
         set_threads(cpus)
         self.cfg = from_dict(cfg_dict)
         self.layout = Layout.at(root)
-        self.fold = fold
+        self.fold, self.fraction = fold, fraction
         self.device = "cuda" if torch.cuda.is_available() and self.cfg.sampling.gpus_per_actor > 0 else "cpu"
-        self.model, self.process, self.meta = load_generator(self.layout, fold, device=self.device)
+        self.model, self.process, self.meta = load_generator(self.layout, fold, device=self.device, fraction=fraction)
         if self.device == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last if self.cfg.data.dims == 2 else torch.contiguous_format)
-        self.out = self.layout.synthetic(fold)
+        self.out = self.layout.synthetic(fold, fraction)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         rows: dict[str, list] = {"shard": [], "label": [], "count": [], "seconds": []}
@@ -164,7 +172,7 @@ class ShardSampler:
 
         indices = list(range(lo, hi))
         images, masks = self.generate(label, indices)
-        ids = [sample_id(self.fold, label, j) for j in indices]
+        ids = [sample_id(self.fold, label, j, self.fraction) for j in indices]
         spacing = tuple(self.meta.get("spacing") or (1.0,) * self.cfg.data.dims)
         paths: list[Optional[str]] = [None] * len(ids)
         if self.cfg.data.dims == 3 and self.cfg.sampling.write_nifti:
@@ -196,42 +204,52 @@ def sample_synthetic(
     cfg: Config, layout: Layout, folds: Optional[list[int]] = None, num_samples: Optional[int] = None,
     force: bool = False,
 ) -> list[dict[str, Any]]:
-    """Sample every requested fold's synthetic set (only what is missing). Returns the manifests."""
+    """Sample every requested fold's synthetic sets (only what is missing). Returns the manifests.
+
+    Each (fold, fraction) generator gets ``n_c`` samples per class for the largest study ratio,
+    counted against the real training set the study pairs them with (the fold's training part,
+    or the fraction's subset of it), unless ``num_samples`` fixes the total.
+    """
     from raysynth.data.prepare import load_prepared
+    from raysynth.study.design import generator_fractions, largest_ratio, scarcity_subsets
 
     records, fingerprint, splits = load_prepared(layout)
     wanted = [f["fold"] for f in splits] if folds is None else folds
+    labels_by_id = dict(zip(records.ids, records.labels.tolist()))
+    subsets = scarcity_subsets(cfg, layout, splits, labels_by_id, dict(zip(records.ids, records.subjects)))
     manifests = []
     for k in wanted:
-        meta_path = layout.ddpm(k) / "config.json"
-        if not meta_path.is_file():
-            raise StageError(f"sample: fold {k} has no trained generator at {layout.ddpm(k)}; run `raysynth train` first")
-        meta = read_json(meta_path)
-        out = layout.synthetic(k)
-        manifest_path = out / "manifest.json"
-        stale = manifest_path.is_file() and (read_json(manifest_path).get("generator_id") != meta["generator_id"]
-                                             or read_json(manifest_path).get("sampling_digest") != _sampling_digest(cfg))
-        if force or stale:
-            if stale:
-                log.info("sample: fold %d: generator or sampling config changed, regenerating", k)
-            import shutil
+        for p in generator_fractions(cfg):
+            name = f"{k}{fraction_tag(p)}"
+            meta_path = layout.ddpm(k, p) / "config.json"
+            if not meta_path.is_file():
+                raise StageError(f"sample: fold {name} has no trained generator at {layout.ddpm(k, p)}; "
+                                 "run `raysynth train` first")
+            meta = read_json(meta_path)
+            out = layout.synthetic(k, p)
+            manifest_path = out / "manifest.json"
+            old = read_json(manifest_path) if manifest_path.is_file() else None
+            stale = old is not None and (old.get("generator_id") != meta["generator_id"]
+                                         or old.get("sampling_digest") != _sampling_digest(cfg))
+            if force or stale:
+                if stale:
+                    log.info("sample: fold %s: generator or sampling config changed, regenerating", name)
+                import shutil
 
-            shutil.rmtree(out, ignore_errors=True)
-        train_ids = read_json(layout.ddpm(k) / "train_ids.json")["train_ids"]
-        labels_by_id = dict(zip(records.ids, records.labels.tolist()))
-        real_counts = {c: 0 for c in range(int(fingerprint["num_classes"]))}
-        for rid in train_ids:
-            real_counts[labels_by_id[rid]] += 1
-        counts = class_counts(cfg, real_counts, num_samples)
-        requests = plan_requests(counts, existing_shards(out), cfg.sampling.shard_size)
-        named_counts = {fingerprint["class_names"][c]: n for c, n in counts.items()}
-        if not requests and manifest_path.is_file() and not stale and read_json(manifest_path).get("counts") == named_counts:
-            log.info("sample: fold %d is up to date (%d samples)", k, sum(counts.values()))
-            manifests.append(read_json(manifest_path))
-            continue
-        if requests:
-            _run_requests(cfg, layout, k, requests)
-        manifests.append(_write_manifest(cfg, layout, k, meta, counts, fingerprint))
+                shutil.rmtree(out, ignore_errors=True)
+            real_counts = {c: 0 for c in range(int(fingerprint["num_classes"]))}
+            for rid in subsets[k][p]:
+                real_counts[labels_by_id[rid]] += 1
+            counts = class_counts(cfg, real_counts, num_samples, ratio=largest_ratio(cfg))
+            requests = plan_requests(counts, existing_shards(out), cfg.sampling.shard_size)
+            named_counts = {fingerprint["class_names"][c]: n for c, n in counts.items()}
+            if not requests and old is not None and not stale and not force and old.get("counts") == named_counts:
+                log.info("sample: fold %s is up to date (%d samples)", name, sum(counts.values()))
+                manifests.append(old)
+                continue
+            if requests:
+                _run_requests(cfg, layout, k, requests, p)
+            manifests.append(_write_manifest(cfg, layout, k, meta, counts, fingerprint, p))
     return manifests
 
 
@@ -241,18 +259,20 @@ def _sampling_digest(cfg: Config) -> str:
     return Config(sampling=type(s)(sampler=s.sampler, steps=s.steps, seed=s.seed)).section_digest("sampling")
 
 
-def _run_requests(cfg: Config, layout: Layout, fold: int, requests: list[dict]) -> None:
+def _run_requests(cfg: Config, layout: Layout, fold: int, requests: list[dict], fraction: float = 1.0) -> None:
     import ray
 
     ensure_ray(cfg)
     s = cfg.sampling
     total = sum(r["hi"] - r["lo"] for r in requests)
-    layout.synthetic(fold).mkdir(parents=True, exist_ok=True)
-    log.info("sample: fold %d: %d samples in %d shards (%s, %d steps), %d-%d actors",
-             fold, total, len(requests), s.sampler, s.steps, s.min_actors, s.max_actors)
+    name = f"{fold}{fraction_tag(fraction)}"
+    layout.synthetic(fold, fraction).mkdir(parents=True, exist_ok=True)
+    log.info("sample: fold %s: %d samples in %d shards (%s, %d steps), %d-%d actors",
+             name, total, len(requests), s.sampler, s.steps, s.min_actors, s.max_actors)
     ds = ray.data.from_items(requests, override_num_blocks=len(requests)).map_batches(
         ShardSampler,
-        fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "root": str(layout.root), "fold": fold, "cpus": s.cpus_per_actor},
+        fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "root": str(layout.root), "fold": fold,
+                               "cpus": s.cpus_per_actor, "fraction": fraction},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
         num_cpus=s.cpus_per_actor,
@@ -262,12 +282,13 @@ def _run_requests(cfg: Config, layout: Layout, fold: int, requests: list[dict]) 
     for row in ds.iter_rows():
         done += int(row["count"])
         rate = done / max(time.time() - t0, 1e-9)
-        log.info("sample: fold %d: %d/%d samples (%.1f/s), wrote %s", fold, done, total, rate, row["shard"])
+        log.info("sample: fold %s: %d/%d samples (%.1f/s), wrote %s", name, done, total, rate, row["shard"])
 
 
-def _write_manifest(cfg: Config, layout: Layout, fold: int, meta: dict, counts: dict[int, int], fingerprint: dict) -> dict:
+def _write_manifest(cfg: Config, layout: Layout, fold: int, meta: dict, counts: dict[int, int], fingerprint: dict,
+                    fraction: float = 1.0) -> dict:
     """List the shards that make up the requested set, with per-sample checksums read back."""
-    out = layout.synthetic(fold)
+    out = layout.synthetic(fold, fraction)
     shards = []
     for c, ranges in sorted(existing_shards(out).items()):
         for lo, hi in sorted(ranges):
@@ -282,6 +303,7 @@ def _write_manifest(cfg: Config, layout: Layout, fold: int, meta: dict, counts: 
                 samples.append({**row, "shard": shard_name(c, lo, hi)})
     manifest = {
         "fold": fold,
+        "fraction": fraction,
         "generator_id": meta["generator_id"],
         "config_digest": cfg.digest(),
         "sampling_digest": _sampling_digest(cfg),
@@ -295,15 +317,15 @@ def _write_manifest(cfg: Config, layout: Layout, fold: int, meta: dict, counts: 
         "samples": samples,
     }
     write_json(out / "manifest.json", manifest)
-    _write_grids(cfg, layout, fold, fingerprint)
+    _write_grids(cfg, layout, fold, fingerprint, fraction)
     return manifest
 
 
-def _write_grids(cfg: Config, layout: Layout, fold: int, fingerprint: dict) -> None:
+def _write_grids(cfg: Config, layout: Layout, fold: int, fingerprint: dict, fraction: float = 1.0) -> None:
     from raysynth.data.schema import read_parquet
     from raysynth.study.figures import save_grid
 
-    out = layout.synthetic(fold)
+    out = layout.synthetic(fold, fraction)
     parts = sorted(out.glob("part-*.parquet"))
     if not parts:
         return
@@ -312,24 +334,25 @@ def _write_grids(cfg: Config, layout: Layout, fold: int, fingerprint: dict) -> N
         if mine:
             data = read_parquet(mine[:1])
             save_grid(out / f"grid_{_safe(name)}.png", data.images[:16], data.masks[:16] if data.masks is not None else None,
-                      title=f"synthetic '{name}', fold {fold}")
+                      title=f"synthetic '{name}', fold {fold}{fraction_tag(fraction)}")
 
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def read_synthetic(layout: Layout, fold: int, exclude: Optional[set[str]] = None):
-    """The fold's synthetic set as listed in its manifest (an ImageSet), minus ``exclude`` ids."""
+def read_synthetic(layout: Layout, fold: int, exclude: Optional[set[str]] = None, fraction: float = 1.0):
+    """The (fold, fraction)'s synthetic set as listed in its manifest (an ImageSet), minus ``exclude`` ids."""
     from raysynth.data.schema import read_parquet
 
-    manifest_path = layout.synthetic(fold) / "manifest.json"
+    folder = layout.synthetic(fold, fraction)
+    manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
-        raise StageError(f"no synthetic data for fold {fold} at {layout.synthetic(fold)}; run `raysynth sample` first")
+        raise StageError(f"no synthetic data for fold {fold} at {folder}; run `raysynth sample` first")
     manifest = read_json(manifest_path)
     if not manifest["shards"]:
         return None
-    data = read_parquet([layout.synthetic(fold) / s for s in manifest["shards"]])
+    data = read_parquet([folder / s for s in manifest["shards"]])
     wanted = {s["id"] for s in manifest["samples"]} - (exclude or set())
     keep = [i for i, sid in enumerate(data.ids) if sid in wanted]
     return data.select(keep) if keep else None

@@ -4,6 +4,10 @@ Leakage rule: the generator of fold k trains on fold k's real *training* part on
 samples can be added to that fold's training set without it ever having seen the test part.
 The ids it trained on are written to ``OUT/ddpm/fold_k/train_ids.json`` and checked disjoint.
 
+For a scarcity curve (``study.real_fractions``) each smaller fraction p gets its own generator,
+``OUT/ddpm/fold_k_p25`` for p = 0.25, trained only on that fraction's nested subset of the
+fold's training part (``prepared/subsets.json``); its ``train_ids.json`` records the fraction.
+
 Shape: ``train_loop_per_worker(config)`` -> ``ScalingConfig`` -> ``TorchTrainer``. Every rank
 reports at the same steps; rank 0 attaches the checkpoint (EMA weights, training state and the
 loss history). Re-running with the same output folder resumes from the last checkpoint: Ray
@@ -24,7 +28,7 @@ from typing import Any, Optional
 from raysynth.config import Config, from_dict
 from raysynth.data.prepare import load_prepared
 from raysynth.errors import StageError
-from raysynth.layout import Layout, read_json, write_json
+from raysynth.layout import Layout, fraction_tag, read_json, write_json
 from raysynth.runtime import derive_seed, ensure_ray, set_threads
 
 log = logging.getLogger(__name__)
@@ -33,20 +37,23 @@ CHECKPOINT_DIR = "checkpoint"
 """Inside ``OUT/ddpm/fold_k``: the EMA denoiser (``Denoiser.save_pretrained``) used for sampling."""
 
 
-def digest(cfg: Config) -> str:
-    """A generator is stale when the data, the splits or the diffusion config change."""
-    return cfg.section_digest("data", "cv", "diffusion")
+def digest(cfg: Config, fraction: float = 1.0) -> str:
+    """A generator is stale when the data, the splits, the diffusion config or its subset change."""
+    base = cfg.section_digest("data", "cv", "diffusion")
+    return base if fraction == 1.0 else f"{base}{fraction_tag(fraction)}"
 
 
-def is_complete(cfg: Config, layout: Layout, fold: int) -> bool:
-    meta = layout.ddpm(fold) / "config.json"
-    if not meta.is_file() or not (layout.ddpm(fold) / CHECKPOINT_DIR).is_dir():
+def is_complete(cfg: Config, layout: Layout, fold: int, fraction: float = 1.0) -> bool:
+    folder = layout.ddpm(fold, fraction)
+    meta = folder / "config.json"
+    if not meta.is_file() or not (folder / CHECKPOINT_DIR).is_dir():
         return False
-    return read_json(meta).get("digest") == digest(cfg)
+    return read_json(meta).get("digest") == digest(cfg, fraction)
 
 
 def generator_train_ids(cfg: Config, fold: dict, labels_by_id: dict[str, int]) -> list[str]:
-    """The real ids fold k's generator may see: the fold's training part, optionally capped.
+    """The real ids fold k's generator may see: ``fold["train"]`` (the fold's training part, or
+    one real fraction's subset of it), optionally capped.
 
     The cap (``diffusion.max_train_images``; the paper trained on 350 scans) keeps the class
     proportions and is seeded, so the same fold always gets the same subset.
@@ -67,30 +74,38 @@ def generator_train_ids(cfg: Config, fold: dict, labels_by_id: dict[str, int]) -
 def train_generators(
     cfg: Config, layout: Layout, folds: Optional[list[int]] = None, force: bool = False
 ) -> list[dict[str, Any]]:
-    """Train (or resume, or skip) the generator of every requested fold. Returns their metadata."""
+    """Train (or resume, or skip) the generator of every requested fold and real fraction
+    (``design.generator_fractions``). Returns their metadata."""
+    from raysynth.study.design import generator_fractions, scarcity_subsets
+
     records, fingerprint, splits = load_prepared(layout)
     labels_by_id = dict(zip(records.ids, records.labels.tolist()))
     wanted = [f["fold"] for f in splits] if folds is None else folds
     unknown = sorted(set(wanted) - {f["fold"] for f in splits})
     if unknown:
         raise StageError(f"train: folds {unknown} are not in splits.json (it has {len(splits)} folds)")
+    fractions = generator_fractions(cfg)
+    subsets = scarcity_subsets(cfg, layout, splits, labels_by_id, dict(zip(records.ids, records.subjects)))
 
     jobs = []
     for fold in splits:
         k = fold["fold"]
         if k not in wanted:
             continue
-        if not force and is_complete(cfg, layout, k):
-            log.info("train: fold %d is up to date, skipping", k)
-            continue
-        if force:
-            shutil.rmtree(layout.ddpm(k), ignore_errors=True)
-            shutil.rmtree(layout.ray_storage / run_name(k), ignore_errors=True)
-        train_ids = generator_train_ids(cfg, fold, labels_by_id)
-        overlap = set(train_ids) & set(fold["test"])
-        if overlap:  # would be a bug in splits; never train a generator on test data
-            raise StageError(f"train: fold {k} generator ids overlap its test ids: {sorted(overlap)[:5]}")
-        jobs.append((k, train_ids, list(fold["test"])))
+        for p in fractions:
+            if not force and is_complete(cfg, layout, k, p):
+                log.info("train: fold %d%s is up to date, skipping", k, fraction_tag(p))
+                continue
+            if force:
+                shutil.rmtree(layout.ddpm(k, p), ignore_errors=True)
+                shutil.rmtree(layout.ray_storage / run_name(k, p), ignore_errors=True)
+            subset = subsets[k][p]
+            train_ids = generator_train_ids(cfg, {**fold, "train": subset}, labels_by_id)
+            overlap = set(train_ids) & set(fold["test"])
+            if overlap:  # would be a bug in splits; never train a generator on test data
+                raise StageError(f"train: fold {k} generator ids overlap its test ids: {sorted(overlap)[:5]}")
+            jobs.append({"fold": k, "fraction": p, "train_ids": train_ids, "test_ids": list(fold["test"]),
+                         "subset_size": len(subset)})
 
     if jobs:
         ensure_ray(cfg)
@@ -101,18 +116,17 @@ def train_generators(
             # zero-CPU task; the workers themselves reserve the real resources.
             fit_remote = ray.remote(num_cpus=0)(_fit_fold)
             slots = fold_slots(cfg)
-            log.info("train: %d folds, at most %d at a time", len(jobs), slots)
+            log.info("train: %d generators, at most %d at a time", len(jobs), slots)
             waiting, running = list(jobs), []
             while waiting or running:
                 while waiting and len(running) < slots:  # a fit that cannot get workers would time out
-                    k, ids, test = waiting.pop(0)
-                    running.append(fit_remote.remote(cfg.to_dict(), str(layout.root), k, ids, test, fingerprint))
+                    running.append(fit_remote.remote(cfg.to_dict(), str(layout.root), waiting.pop(0), fingerprint))
                 done, running = ray.wait(running, num_returns=1)
                 ray.get(done)
         else:
-            for k, ids, test in jobs:
-                _fit_fold(cfg.to_dict(), str(layout.root), k, ids, test, fingerprint)
-    return [read_json(layout.ddpm(f["fold"]) / "config.json") for f in splits if f["fold"] in wanted]
+            for job in jobs:
+                _fit_fold(cfg.to_dict(), str(layout.root), job, fingerprint)
+    return [read_json(layout.ddpm(f["fold"], p) / "config.json") for f in splits if f["fold"] in wanted for p in fractions]
 
 
 def fold_slots(cfg: Config) -> int:
@@ -130,26 +144,28 @@ def fold_slots(cfg: Config) -> int:
     return max(1, slots)
 
 
-def run_name(fold: int) -> str:
-    return f"ddpm_fold_{fold}"
+def run_name(fold: int, fraction: float = 1.0) -> str:
+    return f"ddpm_fold_{fold}{fraction_tag(fraction)}"
 
 
-def _fit_fold(
-    cfg_dict: dict, root: str, fold: int, train_ids: list[str], test_ids: list[str], fingerprint: dict
-) -> None:
+def _fit_fold(cfg_dict: dict, root: str, job: dict, fingerprint: dict) -> None:
+    """Fit one generator; ``job``: fold, fraction, train_ids, test_ids, subset_size."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     cfg = from_dict(cfg_dict)
     layout = Layout.at(root)
     d = cfg.diffusion
+    fold, fraction, train_ids, test_ids = job["fold"], job["fraction"], job["train_ids"], job["test_ids"]
+    name = f"{fold}{fraction_tag(fraction)}"
     t0 = time.time()
-    log.info("train: fold %d: %d real training images, %d steps, %d worker(s)", fold, len(train_ids), d.train_steps, d.num_workers)
+    log.info("train: fold %s: %d real training images, %d steps, %d worker(s)", name, len(train_ids), d.train_steps, d.num_workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "cfg": cfg_dict,
             "fold": fold,
+            "name": name,
             "data_path": str(layout.data_parquet),
             "train_ids": train_ids,
             "num_classes": int(fingerprint["num_classes"]),
@@ -159,7 +175,7 @@ def _fit_fold(
             num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker={"CPU": d.cpus_per_worker, **({"GPU": 1} if d.use_gpu else {})}
         ),
         run_config=ray.train.RunConfig(
-            name=run_name(fold),
+            name=run_name(fold, fraction),
             storage_path=str(layout.ray_storage),
             failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
@@ -167,8 +183,8 @@ def _fit_fold(
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise StageError(f"train: fold {fold} finished without a checkpoint")
-    out = layout.ddpm(fold)
+        raise StageError(f"train: fold {name} finished without a checkpoint")
+    out = layout.ddpm(fold, fraction)
     out.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as ckpt:
         ckpt = Path(ckpt)
@@ -182,13 +198,15 @@ def _fit_fold(
     tmp = out / ".metrics.jsonl.tmp"
     tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
     tmp.replace(out / "metrics.jsonl")
-    write_json(out / "train_ids.json", {"fold": fold, "train_ids": train_ids, "test_ids": test_ids,
+    write_json(out / "train_ids.json", {"fold": fold, "fraction": fraction, "real_subset_size": job["subset_size"],
+                                        "train_ids": train_ids, "test_ids": test_ids,
                                         "disjoint": not (set(train_ids) & set(test_ids))})
     # Written last: its presence with a matching digest marks the fold complete.
     write_json(out / "config.json", {
-        "generator_id": f"ddpm-fold{fold}-{digest(cfg)}",
+        "generator_id": f"ddpm-fold{name}-{digest(cfg)}",
         "fold": fold,
-        "digest": digest(cfg),
+        "fraction": fraction,
+        "digest": digest(cfg, fraction),
         "process": cfg.diffusion.process,
         "diffusion": cfg_dict["diffusion"],
         "num_classes": int(fingerprint["num_classes"]),
@@ -202,7 +220,7 @@ def _fit_fold(
         "final_loss": history[-1]["loss_ema"] if history else None,
         "train_seconds": round(time.time() - t0, 1),
     })
-    log.info("train: fold %d done in %.0fs (final loss %.4f)", fold, time.time() - t0, history[-1]["loss_ema"] if history else float("nan"))
+    log.info("train: fold %s done in %.0fs (final loss %.4f)", name, time.time() - t0, history[-1]["loss_ema"] if history else float("nan"))
 
 
 def _mask_classes(cfg: Config, fingerprint: dict) -> int:
@@ -225,7 +243,7 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
-    fold = config["fold"]
+    fold, name = config["fold"], config["name"]
 
     # 1. Data: the fold's generator ids only, held in memory (hundreds of scans at most).
     data = read_parquet(config["data_path"]).subset_ids(config["train_ids"])
@@ -244,7 +262,7 @@ def train_loop_per_worker(config: dict) -> None:
             start = fit.load_state_dict(torch.load(Path(path) / "state.pt", map_location=device, weights_only=False))
             history = json.loads((Path(path) / "history.json").read_text())
         if rank == 0:
-            _say(f"[train fold {fold}] resuming at step {start}")
+            _say(f"[train fold {name}] resuming at step {start}")
     fit.trained = ray.train.torch.prepare_model(fit.model)  # DDP when there are several workers
     x0, labels = x0.to(device), labels.to(device)
 
@@ -265,7 +283,7 @@ def train_loop_per_worker(config: dict) -> None:
         t_last = time.time()
         history.append(metrics)
         if rank == 0:
-            _say(f"[train fold {fold}] step {done}/{d.train_steps} loss {loss_ema:.4f}")
+            _say(f"[train fold {name}] step {done}/{d.train_steps} loss {loss_ema:.4f}")
         if done % d.checkpoint_every == 0 or done == d.train_steps:
             _report_with_checkpoint(metrics, history, fit, done, rank)
         else:
@@ -295,17 +313,18 @@ def _report_with_checkpoint(metrics: dict, history: list, fit, step: int, rank: 
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"step_{step:08d}")
 
 
-def load_generator(layout: Layout, fold: int, device: str = "cpu"):
-    """The trained EMA denoiser of a fold, its noise process and its metadata."""
+def load_generator(layout: Layout, fold: int, device: str = "cpu", fraction: float = 1.0):
+    """The trained EMA denoiser of a (fold, fraction), its noise process and its metadata."""
     from raysynth.diffusion.networks import Denoiser
     from raysynth.diffusion.process import build_process
     from raysynth.config import DiffusionConfig, section_from_dict
 
-    meta_path = layout.ddpm(fold) / "config.json"
+    folder = layout.ddpm(fold, fraction)
+    meta_path = folder / "config.json"
     if not meta_path.is_file():
-        raise StageError(f"no trained generator for fold {fold} at {layout.ddpm(fold)}; run `raysynth train` first")
+        raise StageError(f"no trained generator for fold {fold} at {folder}; run `raysynth train` first")
     meta = read_json(meta_path)
-    model = Denoiser.from_pretrained(layout.ddpm(fold) / CHECKPOINT_DIR, map_location=device).to(device).eval()
+    model = Denoiser.from_pretrained(folder / CHECKPOINT_DIR, map_location=device).to(device).eval()
     process = build_process(section_from_dict(DiffusionConfig, meta["diffusion"], "diffusion"))
     return model, process, meta
 

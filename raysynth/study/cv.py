@@ -1,13 +1,16 @@
-"""Stage ``study``: the Ray Tune grid of downstream CNNs, arm x fold x seed.
+"""Stage ``study``: the Ray Tune grid of downstream CNNs, condition x real fraction x fold x seed.
 
-Every arm of a fold reads the same ``splits.json`` and the same seeds, so the baseline and the
-augmented model of a (fold, seed) differ only in their training data: the pairing the
-statistics rely on. Test folds are real data only.
+A condition is an arm, and for synthetic arms one ratio (``design.conditions``). Every condition
+of a (fraction, fold, seed) cell reads the same ``splits.json``, the same real subset
+(``subsets.json``) and the same seed, so two conditions differ only in their training data: the
+pairing the statistics rely on. Test folds are the fold's whole real test part, for every fraction.
 
-Each finished trial is written at once to ``OUT/study/trials/<arm>_f<fold>_s<seed>.json`` by a
-driver-side Tune callback, so a study that dies half-way resumes with only the missing trials.
-The artifact is ``OUT/study/results.parquet`` (one row per arm x fold x seed) and
-``predictions.parquet`` (per test record), gathered from those files.
+Each trial asks Tune for ``study.cpus_per_trial`` / ``gpus_per_trial``; a failed trial is retried
+``study.max_failures`` times. Each finished trial is written at once to
+``OUT/study/trials/<key>.json`` by a driver-side Tune callback that also logs progress, so a study
+that dies half-way resumes with only the missing trials. The artifact is
+``OUT/study/results.parquet`` (one row per trial) and ``predictions.parquet`` (per test record),
+gathered from those files.
 """
 
 from __future__ import annotations
@@ -24,17 +27,19 @@ import ray.tune as tune
 
 from raysynth.config import Config, from_dict
 from raysynth.errors import StageError
-from raysynth.layout import Layout, read_json, write_json
+from raysynth.layout import Layout, fraction_tag, read_json, write_json
 from raysynth.runtime import ensure_ray, set_threads
+from raysynth.study.design import Condition, conditions, fraction_key
 
 log = logging.getLogger(__name__)
 
-SYNTHETIC_ARMS = {"augmented"}
 HEADLINE_METRICS = ("balanced_accuracy", "auc", "mean_dice")
 
 
-def trial_key(arm: str, fold: int, seed: int) -> str:
-    return f"{arm}_f{fold}_s{seed}"
+def trial_key(arm: str, ratio: Optional[float], fraction: float, fold: int, seed: int) -> str:
+    """A file- and directory-safe name of one trial: ``synthetic-x2_p25_f0_s1``."""
+    condition = arm if ratio is None else f"{arm}-x{ratio:g}"
+    return f"{condition.replace('+', '-plus-')}{fraction_tag(fraction)}_f{fold}_s{seed}"
 
 
 def study_digest(cfg: Config) -> str:
@@ -53,32 +58,51 @@ def dropped_ids(layout: Layout) -> set[str]:
     return set(ids or [])
 
 
+def trial_data(cfg: Config, layout: Layout, trial: dict, dropped: set[str]):
+    """``(train, test, n_real, n_synthetic)`` of one trial, following ``design``."""
+    from raysynth.data.prepare import load_prepared
+    from raysynth.diffusion.sample import read_synthetic
+    from raysynth.study.design import first_per_class, synthetic_counts, training_set
+
+    condition = Condition(trial["arm"], trial["ratio"])
+    fold, fraction = int(trial["fold"]), float(trial["fraction"])
+    records, fingerprint, splits = load_prepared(layout)
+    split = next(s for s in splits if s["fold"] == fold)
+    subset = next(f for f in read_json(layout.subsets)["folds"] if f["fold"] == fold)["subsets"][fraction_key(fraction)]
+    real, test = records.subset_ids(subset), records.subset_ids(split["test"])
+    synthetic = None
+    if condition.uses_synthetic:
+        pool = read_synthetic(layout, fold, fraction=fraction)
+        real_counts = {c: int((real.labels == c).sum()) for c in range(int(fingerprint["num_classes"]))}
+        wanted = synthetic_counts(real_counts, condition.ratio, cfg.sampling.class_balance)
+        if pool is None:
+            raise StageError(f"study: fold {fold}{fraction_tag(fraction)} has no synthetic samples; run `raysynth sample`")
+        synthetic = first_per_class(pool, wanted)
+        # Ids the privacy gate dropped leave after the selection, so ratio r stays a prefix.
+        if synthetic is not None and dropped:
+            keep = [i for i, sid in enumerate(synthetic.ids) if sid not in dropped]
+            synthetic = synthetic.select(keep) if keep else None
+    train = training_set(condition, real, synthetic)
+    return train, test, (len(real) if condition.uses_real else 0), (0 if synthetic is None else len(synthetic))
+
+
 def run_trial(config: dict) -> None:
-    """One Tune trial: train the task CNN of (arm, fold, seed) and report its test metrics."""
+    """One Tune trial: train the task CNN of (condition, fraction, fold, seed) and report its test metrics."""
     import torch
 
     from raysynth.data.prepare import load_prepared
-    from raysynth.data.schema import ImageSet
-    from raysynth.diffusion.sample import read_synthetic
+    from raysynth.study.design import augment_for
     from raysynth.study.models import fit_and_evaluate
 
     cfg = from_dict(config["cfg"])
     st = cfg.study
     set_threads(st.cpus_per_trial)
     layout = Layout.at(config["root"])
-    arm, fold, seed = config["trial"]["arm"], int(config["trial"]["fold"]), int(config["trial"]["seed"])
-    records, fingerprint, splits = load_prepared(layout)
-    split = next(s for s in splits if s["fold"] == fold)
-    train, test = records.subset_ids(split["train"]), records.subset_ids(split["test"])
-    n_real = len(train)
-    n_synthetic = 0
-    if arm in SYNTHETIC_ARMS:
-        synthetic = read_synthetic(layout, fold, exclude=set(config["dropped"]))
-        if synthetic is not None:
-            n_synthetic = len(synthetic)
-            synthetic = ImageSet(synthetic.ids, synthetic.subjects, synthetic.labels, synthetic.images, synthetic.masks,
-                                 spacing=train.spacing)
-            train = ImageSet.concat([train, synthetic])
+    trial = config["trial"]
+    seed = int(trial["seed"])
+    _, fingerprint, _ = load_prepared(layout)
+    train, test, n_real, n_synthetic = trial_data(cfg, layout, trial, set(config["dropped"]))
+    segmentation = cfg.data.task == "segmentation"
     t0 = time.time()
     result = fit_and_evaluate(
         cfg.data.task, train, test,
@@ -86,23 +110,32 @@ def run_trial(config: dict) -> None:
         num_mask_classes=int(fingerprint.get("num_mask_classes") or 0) or None,
         epochs=st.epochs, batch_size=st.batch_size, learning_rate=st.lr_for(cfg.data.task), width=st.width, seed=seed,
         device="cuda" if torch.cuda.is_available() and st.gpus_per_trial > 0 else "cpu",
+        augment=augment_for(Condition(trial["arm"], trial["ratio"]), cfg.data.dims, seed, segmentation),
         class_names=fingerprint["class_names"],
     )
     scalars = {k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))}
     payload = {
-        "arm": arm, "fold": fold, "seed": seed, "n_real": n_real, "n_synthetic": n_synthetic,
-        "n_test": len(test), "seconds": time.time() - t0, "metrics": result["metrics"],
-        "test_ids": test.ids, "y_true": result.get("y_true"), "y_prob": result.get("y_prob"),
-        "per_sample": result.get("per_sample_dice"),
+        **trial, "condition": Condition(trial["arm"], trial["ratio"]).name,
+        "n_real": n_real, "n_synthetic": n_synthetic, "n_test": len(test), "seconds": time.time() - t0,
+        "metrics": result["metrics"], "test_ids": test.ids, "y_true": result.get("y_true"),
+        "y_prob": result.get("y_prob"), "per_sample": result.get("per_sample_dice"),
     }
     tune.report({**scalars, "payload": json.dumps(payload)})
+
+
+def study_grid(cfg: Config, splits: list[dict]) -> list[dict]:
+    """Every trial, ordered so that whole (fraction, fold, seed) cells finish together."""
+    return [{"arm": c.arm, "ratio": c.ratio, "fraction": float(p), "fold": int(s["fold"]), "seed": int(seed)}
+            for p in sorted(cfg.study.real_fractions, reverse=True) for s in splits for seed in cfg.study.seeds
+            for c in conditions(cfg)]
 
 
 def run_study(cfg: Config, layout: Layout, force: bool = False) -> Path:
     """Run the missing trials of the grid and gather ``results.parquet``. Returns its path."""
     from raysynth.data.prepare import load_prepared
+    from raysynth.study.design import scarcity_subsets
 
-    _, fingerprint, splits = load_prepared(layout)
+    records, fingerprint, splits = load_prepared(layout)
     st = cfg.study
     trials_dir = layout.study / "trials"
     if force:
@@ -111,16 +144,17 @@ def run_study(cfg: Config, layout: Layout, force: bool = False) -> Path:
         shutil.rmtree(layout.study, ignore_errors=True)
         shutil.rmtree(layout.ray_storage / "study", ignore_errors=True)
     digest = study_digest(cfg)
-    for arm in st.arms:
-        if arm in SYNTHETIC_ARMS:
-            missing = [s["fold"] for s in splits if not (layout.synthetic(s["fold"]) / "manifest.json").is_file()]
-            if missing:
-                raise StageError(f"study: arm {arm!r} needs synthetic data for folds {missing}; run `raysynth sample` first")
-    grid = [{"arm": a, "fold": s["fold"], "seed": seed} for a in st.arms for s in splits for seed in st.seeds]
+    scarcity_subsets(cfg, layout, splits, dict(zip(records.ids, records.labels.tolist())),
+                     dict(zip(records.ids, records.subjects)))
+    grid = study_grid(cfg, splits)
+    missing = sorted({f"{g['fold']}{fraction_tag(g['fraction'])}" for g in grid if Condition(g["arm"], g["ratio"]).uses_synthetic
+                      and not (layout.synthetic(g["fold"], g["fraction"]) / "manifest.json").is_file()})
+    if missing:
+        raise StageError(f"study: synthetic arms need synthetic data for folds {missing}; run `raysynth sample` first")
     done = {p.stem for p in trials_dir.glob("*.json") if read_json(p).get("digest") == digest} if trials_dir.is_dir() else set()
-    pending = [g for g in grid if trial_key(g["arm"], g["fold"], g["seed"]) not in done]
-    log.info("study: %d trials in the grid (%d arms x %d folds x %d seeds), %d to run",
-             len(grid), len(st.arms), len(splits), len(st.seeds), len(pending))
+    pending = [g for g in grid if trial_key(**g) not in done]
+    log.info("study: %d trials in the grid (%d conditions x %d real fractions x %d folds x %d seeds), %d to run",
+             len(grid), len(conditions(cfg)), len(st.real_fractions), len(splits), len(st.seeds), len(pending))
     if pending:
         ensure_ray(cfg)
         dropped = sorted(dropped_ids(layout))
@@ -142,7 +176,8 @@ def run_study(cfg: Config, layout: Layout, force: bool = False) -> Path:
         results = tuner.fit()
         errors = [r.error for r in results if r.error is not None]
         if errors:
-            raise StageError(f"study: {len(errors)} trial(s) failed after retries; first error: {errors[0]}")
+            raise StageError(f"study: {len(errors)} trial(s) failed after {st.max_failures} retries; "
+                             f"{len(results) - len(errors)} finished and are kept; first error: {errors[0]}")
     return gather_results(cfg, layout, fingerprint)
 
 
@@ -150,41 +185,60 @@ class TrialWriter(tune.Callback):
     """Driver-side Tune callback: persist each finished trial at once, and log progress."""
 
     def __init__(self, folder: Path, digest: str, total: int) -> None:
-        self.folder, self.digest, self.total, self.done = folder, digest, total, 0
+        self.folder, self.digest, self.total, self.done, self.failed = folder, digest, total, 0, 0
+        self.start = time.time()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         payload = json.loads(trial.last_result["payload"])
         payload["digest"] = self.digest
-        write_json(self.folder / f"{trial_key(payload['arm'], payload['fold'], payload['seed'])}.json", payload)
+        write_json(self.folder / f"{trial_key(**{k: payload[k] for k in TRIAL_FIELDS})}.json", payload)
         self.done += 1
         m = payload["metrics"]
         headline = ", ".join(f"{k} {m[k]:.3f}" for k in HEADLINE_METRICS if isinstance(m.get(k), (int, float)))
-        log.info("study: %d/%d trials done: %s fold %d seed %d: %s", self.done, self.total,
-                 payload["arm"], payload["fold"], payload["seed"], headline)
+        elapsed = time.time() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        log.info("study: %d/%d trials done (%.0fs, ~%.0fs left): %s, real %.0f%%, fold %d, seed %d: %s",
+                 self.done, self.total, elapsed, eta, payload["condition"], 100 * payload["fraction"],
+                 payload["fold"], payload["seed"], headline)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.failed += 1
+        log.warning("study: trial %s failed for good (after retries); %d failed so far", trial, self.failed)
+
+
+TRIAL_FIELDS = ("arm", "ratio", "fraction", "fold", "seed")
 
 
 def gather_results(cfg: Config, layout: Layout, fingerprint: dict) -> Path:
+    """One row per trial in ``results.parquet``; one row per test record and trial in
+    ``predictions.parquet`` (classification: true label and class probabilities)."""
+    from raysynth.data.prepare import load_prepared
+
     trials = [read_json(p) for p in sorted((layout.study / "trials").glob("*.json"))]
     digest = study_digest(cfg)
     trials = [t for t in trials if t.get("digest") == digest]
     if not trials:
         raise StageError("study: no finished trials to gather")
+    repeat_of = {int(s["fold"]): int(s.get("repeat", 0)) for s in load_prepared(layout)[2]}
     rows, preds = [], []
     for t in trials:
+        key = {"condition": t["condition"], "arm": t["arm"], "ratio": t["ratio"], "real_fraction": float(t["fraction"]),
+               "fold": t["fold"], "repeat": repeat_of.get(int(t["fold"]), 0), "seed": t["seed"]}
         scalar = {k: float(v) for k, v in t["metrics"].items() if isinstance(v, (int, float))}
-        rows.append({"arm": t["arm"], "fold": t["fold"], "seed": t["seed"], "n_real": t["n_real"],
-                     "n_synthetic": t["n_synthetic"], "n_test": t["n_test"], "seconds": t["seconds"],
-                     **scalar, "metrics_json": json.dumps(t["metrics"])})
+        rows.append({**key, "n_real": t["n_real"], "n_synthetic": t["n_synthetic"], "n_test": t["n_test"],
+                     "seconds": t["seconds"], **scalar, "metrics_json": json.dumps(t["metrics"])})
         if t.get("y_prob") is not None:
             for rid, y, p in zip(t["test_ids"], t["y_true"], t["y_prob"]):
-                preds.append({"arm": t["arm"], "fold": t["fold"], "seed": t["seed"], "id": rid, "y_true": int(y),
-                              "y_prob": [float(v) for v in p]})
+                preds.append({**key, "id": rid, "y_true": int(y), "y_prob": [float(v) for v in p]})
+    rows.sort(key=lambda r: (-r["real_fraction"], r["fold"], r["seed"], r["condition"]))
     layout.study.mkdir(parents=True, exist_ok=True)
     _write_table(pa.Table.from_pylist(rows), layout.study / "results.parquet")
     if preds:
         _write_table(pa.Table.from_pylist(preds), layout.study / "predictions.parquet")
-    write_json(layout.study / "study.json", {"digest": digest, "num_trials": len(rows), "arms": cfg.study.arms,
-                                             "seeds": cfg.study.seeds, "class_names": fingerprint["class_names"]})
+    write_json(layout.study / "study.json", {
+        "digest": digest, "num_trials": len(rows), "arms": cfg.study.arms,
+        "conditions": [c.name for c in conditions(cfg)], "real_fractions": cfg.study.real_fractions,
+        "seeds": cfg.study.seeds, "class_names": fingerprint["class_names"]})
     log.info("study: %d trial results in %s", len(rows), layout.study / "results.parquet")
     return layout.study / "results.parquet"
 

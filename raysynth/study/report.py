@@ -1,32 +1,42 @@
-"""Stage ``report``: aggregate the study into paired statistics, figures and a readable report.
+"""Stage ``report``: the study's numbers in ``report.json``, rendered as HTML and Markdown with figures.
 
-Reads every earlier artifact and writes ``OUT/report/report.json`` (every per-fold metric, the
-tests, the config and package versions), ``report.md`` (tables and figures) and PNG figures.
-Everything in the Markdown is rebuilt from ``report.json`` and the config.
+``report.json`` holds everything the report shows: every trial row, the summaries and paired
+tests (``aggregate.py``), ROC curves and confusion matrices computed from predictions.parquet,
+sample thumbnails, generator loss curves, quality, the config and package versions.
+``render_from_json`` rebuilds ``report.html`` (self-contained), ``report.md`` and the PNG
+figures from that file alone, so a report can be re-rendered (or audited) without the run's
+other artifacts; ``raysynth report`` does only that when report.json is already up to date
+with the study's results.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib.metadata
 import json
 import logging
 import platform
 import time
-from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from raysynth.config import Config
-from raysynth.layout import Layout, read_json, write_json
-from raysynth.study import figures
-from raysynth.study.cv import load_results
+from raysynth.errors import StageError
+from raysynth.layout import Layout, fraction_tag, read_json, write_json
+from raysynth.study import aggregate, figures
+from raysynth.study.design import conditions, generator_fractions
 
 log = logging.getLogger(__name__)
 
 CLASSIFICATION_METRICS = ["accuracy", "balanced_accuracy", "sensitivity", "specificity", "auc"]
 SEGMENTATION_METRICS = ["mean_dice", "mean_hd95"]
-PACKAGES = ["raysynth", "ray", "torch", "diffusers", "monai", "nibabel", "nilearn", "pyarrow", "scikit-learn", "scipy", "numpy"]
+PACKAGES = ["raysynth", "ray", "torch", "diffusers", "monai", "nibabel", "nilearn", "pyarrow", "scikit-learn", "scipy",
+            "numpy", "matplotlib"]
+THUMBNAILS = 8
+"""Real and synthetic samples shown per class and generator."""
 
 
 def package_versions() -> dict[str, str]:
@@ -39,239 +49,216 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def fold_means(rows: list[dict], metric: str) -> dict[str, dict[int, float]]:
-    """Per arm, the metric of each fold averaged over seeds.
-
-    Seeds of one fold share its split, so their results are not independent replicates; the
-    unit of pairing is the fold (of each CV repeat), as the corrected resampled t-test assumes.
-    """
-    acc: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        v = r.get(metric)
-        if v is not None and not (isinstance(v, float) and np.isnan(v)):
-            acc[r["arm"]][r["fold"]].append(float(v))
-    return {arm: {f: float(np.mean(v)) for f, v in by_fold.items()} for arm, by_fold in acc.items()}
-
-
-def compare_arms(rows: list[dict], metrics: list[str], n_train: float, n_test: float) -> dict[str, dict[str, Any]]:
-    """Each non-baseline arm against baseline, paired by fold (seed-averaged), for every metric."""
-    from raysynth.study.stats import holm, paired_comparison
-
-    arms = sorted({r["arm"] for r in rows} - {"baseline"})
-    if not any(r["arm"] == "baseline" for r in rows):
-        return {}
-    out: dict[str, dict[str, Any]] = {arm: {} for arm in arms}
-    for m in metrics:
-        means = fold_means(rows, m)
-        base = means.get("baseline", {})
-        for arm in arms:
-            folds = sorted(set(base) & set(means.get(arm, {})))
-            if len(folds) < 2:
-                out[arm][m] = {"n": len(folds), "note": "fewer than 2 paired folds"}
-                continue
-            a = np.array([base[f] for f in folds])
-            b = np.array([means[arm][f] for f in folds])
-            out[arm][m] = {**paired_comparison(a, b, n_train=n_train, n_test=n_test), "folds": folds}
-        # Holm across arms, per metric: several arms are compared with one baseline.
-        pvals = {arm: out[arm][m]["t_p"] for arm in arms if "t_p" in out[arm].get(m, {})}
-        for arm, p_adj in holm(pvals).items():
-            out[arm][m]["t_p_holm"] = p_adj
-    return out
-
-
-def summarise_arms(rows: list[dict], metrics: list[str]) -> dict[str, dict[str, dict[str, float]]]:
-    by_arm: dict[str, list[dict]] = defaultdict(list)
-    for r in rows:
-        by_arm[r["arm"]].append(r)
-    summary = {}
-    for arm, rs in by_arm.items():
-        summary[arm] = {}
-        for m in metrics:
-            vals = np.array([r.get(m, np.nan) for r in rs], dtype=float)
-            vals = vals[~np.isnan(vals)]
-            if len(vals):
-                summary[arm][m] = {"mean": float(vals.mean()), "sd": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
-                                   "n": int(len(vals))}
-    return summary
-
-
 def write_report(cfg: Config, layout: Layout) -> dict[str, Any]:
-    from raysynth.data.prepare import load_prepared
-
-    records, fingerprint, splits = load_prepared(layout)
-    rows = load_results(layout)
-    task = cfg.data.task
-    candidates = CLASSIFICATION_METRICS if task == "classification" else SEGMENTATION_METRICS
-    metrics = [m for m in candidates if any(m in r and r[m] is not None for r in rows)]
-    n_train = float(np.mean([len(s["train"]) for s in splits]))
-    n_test = float(np.mean([len(s["test"]) for s in splits]))
-    comparisons = compare_arms(rows, metrics, n_train, n_test)
-    generators = {}
-    for s in splits:
-        meta_path = layout.ddpm(s["fold"]) / "config.json"
-        if meta_path.is_file():
-            generators[s["fold"]] = read_json(meta_path)
-    manifests = {}
-    for s in splits:
-        p = layout.synthetic(s["fold"]) / "manifest.json"
-        if p.is_file():
-            m = read_json(p)
-            manifests[s["fold"]] = {k: v for k, v in m.items() if k != "samples"}
-    quality = read_json(layout.quality / "quality.json") if (layout.quality / "quality.json").is_file() else None
-
-    report = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "task": task,
-        "dims": cfg.data.dims,
-        "primary_metric": cfg.study.primary_metric,
-        "primary_test": "paired t-test over folds, each fold's metric averaged over seeds (the paper's test); "
-                        "Nadeau-Bengio corrected t-test beside it, because cross-validation training sets overlap and "
-                        "the plain t-test is then too liberal; Wilcoxon signed-rank as a distribution-free check",
-        "data": {k: fingerprint[k] for k in ("class_names", "counts", "num_records", "num_subjects") if k in fingerprint},
-        "folds": len(splits),
-        "metrics": metrics,
-        "trials": [{k: v for k, v in r.items() if k != "metrics_json"} for r in rows],
-        "summary": summarise_arms(rows, metrics),
-        "comparisons": comparisons,
-        "generators": generators,
-        "synthetic": manifests,
-        "quality": quality,
-        "config": cfg.to_dict(),
-        "packages": package_versions(),
-    }
-    out = layout.report
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "report.json", report)
-    _figures(cfg, layout, report, records, rows)
-    (out / "report.md").write_text(render_markdown(report))
-    log.info("report: %s", out / "report.md")
+    """Build report.json from the study (unless it is already up to date), then render it."""
+    path = layout.report / "report.json"
+    results = layout.study / "results.parquet"
+    if path.is_file() and (not results.is_file() or read_json(path).get("results_sha256") == _sha256(results)):
+        log.info("report: report.json is up to date with the study; re-rendering from it alone")
+    else:
+        write_json(path, build_report(cfg, layout))
+    report = render_from_json(path, layout.report)
+    log.info("report: %s", layout.report / "report.html")
     return report
 
 
-def _figures(cfg: Config, layout: Layout, report: dict, records, rows: list[dict]) -> None:
-    out = layout.report
-    for m in report["metrics"]:
-        figures.save_fold_metric(out / f"per_fold_{m}.png", fold_means(rows, m), m)
-    primary = cfg.study.primary_metric if cfg.study.primary_metric in report["metrics"] else (report["metrics"] or [None])[0]
-    if primary:
-        means = fold_means(rows, primary)
-        base = means.get("baseline", {})
-        diffs = {a: [v - base[f] for f, v in sorted(by_fold.items()) if f in base]
-                 for a, by_fold in sorted(means.items()) if a != "baseline"}
-        if diffs:
-            figures.save_paired_differences(out / "paired_differences.png", diffs, primary)
-    histories = {}
-    for fold in report["generators"]:
-        p = layout.ddpm(int(fold)) / "metrics.jsonl"
-        if p.is_file():
-            histories[int(fold)] = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    if histories:
-        figures.save_loss_curves(out / "generator_loss.png", histories)
-    _sample_figure(cfg, layout, records, report)
+def build_report(cfg: Config, layout: Layout) -> dict[str, Any]:
+    from raysynth.data.prepare import load_prepared
+    from raysynth.study.cv import load_predictions, load_results
+
+    records, fingerprint, splits = load_prepared(layout)
+    rows = [{k: v for k, v in r.items() if k != "metrics_json"} for r in load_results(layout)]
+    candidates = CLASSIFICATION_METRICS if cfg.data.task == "classification" else SEGMENTATION_METRICS
+    metrics = [m for m in candidates if any(r.get(m) is not None for r in rows)]
+    predictions = load_predictions(layout)
+    num_classes = int(fingerprint["num_classes"])
+    conds = [c.name for c in conditions(cfg)]
+    generators, manifests, losses = {}, {}, {}
+    for s in splits:
+        for p in generator_fractions(cfg):
+            name = f"{s['fold']}{fraction_tag(p)}"
+            if (layout.ddpm(s["fold"], p) / "config.json").is_file():
+                generators[name] = read_json(layout.ddpm(s["fold"], p) / "config.json")
+                losses[name] = _loss_history(layout.ddpm(s["fold"], p) / "metrics.jsonl")
+            if (layout.synthetic(s["fold"], p) / "manifest.json").is_file():
+                m = read_json(layout.synthetic(s["fold"], p) / "manifest.json")
+                manifests[name] = {k: v for k, v in m.items() if k != "samples"}
+    quality_path = layout.quality / "quality.json"
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "task": cfg.data.task,
+        "dims": cfg.data.dims,
+        "primary_metric": cfg.study.primary_metric,
+        "primary_test": aggregate.PRIMARY_TEST,
+        "data": {k: fingerprint[k] for k in ("class_names", "counts", "num_records", "num_subjects", "shape", "source")
+                 if k in fingerprint},
+        "folds": len(splits),
+        "design": {"arms": cfg.study.arms, "conditions": [c for c in conds if any(r["condition"] == c for r in rows)],
+                   "ratios": cfg.study.ratios_for(cfg.sampling.ratio), "real_fractions": cfg.study.real_fractions,
+                   "folds_per_repeat": cfg.cv.folds, "repeats": cfg.cv.repeats, "seeds": cfg.study.seeds,
+                   "sizes": aggregate.sizes(rows)},
+        "metrics": metrics,
+        "trials": rows,
+        "summary": aggregate.summarise(rows, metrics),
+        "comparisons": aggregate.compare(rows, metrics),
+        "roc": aggregate.roc_curves(predictions, num_classes),
+        "confusion": aggregate.confusion_matrices(predictions, num_classes),
+        "samples": _samples(cfg, layout, records, splits, fingerprint["class_names"]),
+        "generators": generators,
+        "generator_loss": losses,
+        "synthetic": manifests,
+        "quality": read_json(quality_path) if quality_path.is_file() else None,
+        "config": cfg.to_dict(),
+        "packages": package_versions(),
+        "results_sha256": _sha256(layout.study / "results.parquet"),
+    }
 
 
-def _sample_figure(cfg: Config, layout: Layout, records, report: dict) -> None:
-    """Real and synthetic samples side by side: one row pair per class (real, then synthetic)."""
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _loss_history(path: Path, max_points: int = 200) -> list[list[float]]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    step = max(1, len(rows) // max_points)
+    return [[int(r["step"]), float(r["loss_ema"])] for r in rows[::step]]
+
+
+def _encode(images: np.ndarray, scale: bool = True) -> dict:
+    """Images as base64 uint8 (intensities [-1, 1] -> 0..255), small enough for report.json."""
+    data = np.round((images + 1.0) * 127.5).clip(0, 255) if scale else images
+    arr = np.ascontiguousarray(data, dtype=np.uint8)
+    return {"shape": list(arr.shape), "uint8_base64": base64.b64encode(arr.tobytes()).decode("ascii")}
+
+
+def _decode(blob: dict, scale: bool = True) -> np.ndarray:
+    arr = np.frombuffer(base64.b64decode(blob["uint8_base64"]), dtype=np.uint8).reshape(blob["shape"])
+    return arr.astype(np.float32) / 127.5 - 1.0 if scale else arr.copy()
+
+
+def _samples(cfg: Config, layout: Layout, records, splits: list[dict], class_names: list[str]) -> dict:
+    """Thumbnails of the first split: per class, real training images, then each generator's
+    samples (one row per real-data size). Middle axial slices for volumes, plus orthogonal
+    slices of a few synthetic volumes."""
     from raysynth.diffusion.sample import read_synthetic
+    from raysynth.study.figures import middle_slice
 
-    if not report["synthetic"]:
-        return
-    fold = min(int(f) for f in report["synthetic"])
-    synthetic = read_synthetic(layout, fold)
-    if synthetic is None:
-        return
-    images, masks, names = [], [], report["data"]["class_names"]
-    for c in range(len(names)):
-        real_c = np.flatnonzero(records.labels == c)[:8]
-        syn_c = np.flatnonzero(synthetic.labels == c)[:8]
-        if len(real_c) == 0 or len(syn_c) == 0:
-            continue
-        for src, idx in ((records, real_c), (synthetic, syn_c)):
-            pad = 8 - len(idx)
-            images.append(np.concatenate([src.images[idx], np.full((pad,) + src.images.shape[1:], -1.0, np.float32)]))
-            if src.masks is not None:
-                masks.append(np.concatenate([src.masks[idx], np.zeros((pad,) + src.masks.shape[1:], np.uint8)]))
-    if images:
-        figures.save_grid(layout.report / "real_vs_synthetic.png", np.concatenate(images),
-                          np.concatenate(masks) if len(masks) == len(images) else None,
-                          title="rows alternate: real, synthetic (per class: " + ", ".join(names) + ")", columns=8)
-    if cfg.data.dims == 3:
-        figures.save_orthogonal(layout.report / "synthetic_volumes.png", synthetic.images[:6],
-                                synthetic.masks[:6] if synthetic.masks is not None else None,
-                                title="synthetic volumes: axial, coronal, sagittal middle slices")
+    fold, train = int(splits[0]["fold"]), set(splits[0]["train"])
+    generated = {p: read_synthetic(layout, fold, fraction=p) for p in generator_fractions(cfg)
+                 if (layout.synthetic(fold, p) / "manifest.json").is_file()}
+    blank = np.full(records.images.shape[1:], -1.0, np.float32)
 
+    def row(label: str, source, idx) -> dict:
+        idx = list(idx)[:THUMBNAILS]
+        images = np.stack([middle_slice(source.images[i]) for i in idx] +
+                          [middle_slice(blank)] * (THUMBNAILS - len(idx)))
+        out = {"label": label, "images": _encode(images), "masks": None}
+        if source.masks is not None:
+            zero = np.zeros(images.shape[1:], np.uint8)
+            masks = np.stack([middle_slice(source.masks[i]) for i in idx] + [zero] * (THUMBNAILS - len(idx)))
+            out["masks"] = _encode(masks, scale=False)
+        return out
 
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and np.isnan(x)):
-        return "n/a"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.1e}"
-    return str(x)
+    rows = []
+    for c, name in enumerate(class_names):
+        rows.append(row(f"{name}: real", records, [i for i in np.flatnonzero(records.labels == c) if records.ids[i] in train]))
+        for p, syn in generated.items():
+            if syn is not None and (syn.labels == c).any():
+                rows.append(row(f"{name}: synthetic {p:.0%}", syn, np.flatnonzero(syn.labels == c)))
+    out: dict[str, Any] = {"fold": fold, "rows": rows, "orthogonal": None}
+    full = generated.get(1.0)
+    if cfg.data.dims == 3 and full is not None:
+        vols = full.images[:6]
+        out["orthogonal"] = {"images": [_encode(np.stack([middle_slice(v, a) for v in vols])) for a in range(3)],
+                             "masks": None if full.masks is None else
+                             [_encode(np.stack([middle_slice(m, a) for m in full.masks[:6]]), scale=False) for a in range(3)]}
+    return out
 
 
-def render_markdown(report: dict) -> str:
-    lines = [f"# raysynth report ({report['task']}, {report['dims']}D)", ""]
-    d = report["data"]
-    lines += [f"Data: {d.get('num_records')} real records of {d.get('num_subjects')} subjects; classes "
-              + ", ".join(f"{n} ({d.get('counts', {}).get(n, '?')})" for n in d["class_names"])
-              + f". {report['folds']} cross-validation folds; one generator per fold, trained on that fold's "
-              "real training part only; test folds are real data only.", ""]
-    lines += ["## Downstream models: mean (sd) over folds x seeds", ""]
+# ---- rendering ------------------------------------------------------------------------------
+
+def report_figures(report: dict) -> dict[str, bytes]:
+    """Every figure of the report, as PNG bytes, drawn from report.json alone."""
+    images: dict[str, bytes] = {}
     metrics = report["metrics"]
-    lines += ["| arm | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
-    for arm, by_metric in report["summary"].items():
-        lines.append(f"| {arm} | " + " | ".join(
-            f"{_fmt(by_metric[m]['mean'])} ({_fmt(by_metric[m]['sd'])})" if m in by_metric else "n/a" for m in metrics) + " |")
-    lines += ["", "## Paired comparison against baseline", "",
-              f"Primary test: {report['primary_test']}.", "",
-              "| arm | metric | folds | mean diff | 95% CI | t-test p | Holm p | Nadeau-Bengio p | Wilcoxon p | d_z |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for arm, by_metric in report["comparisons"].items():
-        for m, c in by_metric.items():
-            if "mean_diff" not in c:
-                lines.append(f"| {arm} | {m} | {c.get('n')} | {c.get('note', 'n/a')} | | | | | | |")
-                continue
-            lines.append(
-                f"| {arm} | {m} | {c['n']} | {_fmt(c['mean_diff'])} | [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}] | "
-                f"{_fmt(c.get('t_p'))} | {_fmt(c.get('t_p_holm'))} | {_fmt(c.get('nb_p'))} | {_fmt(c.get('wilcoxon_p'))} | "
-                f"{_fmt(c.get('cohen_dz'))} |")
-    lines += ["", "![paired differences](paired_differences.png)", ""]
-    for m in metrics:
-        lines.append(f"![{m} per fold](per_fold_{m}.png)")
-    lines += ["", "## Generators and synthetic data", ""]
-    for fold, g in sorted(report["generators"].items(), key=lambda kv: int(kv[0])):
-        syn = report["synthetic"].get(fold) or report["synthetic"].get(str(fold)) or {}
-        lines.append(f"- fold {fold}: `{g['generator_id']}`, {g['process']} process, {g['num_train_images']} real "
-                     f"training images, {g['steps']} steps, final loss {_fmt(g.get('final_loss'), 4)}; "
-                     f"{syn.get('num_samples', 0)} synthetic samples ({syn.get('sampler')}, {syn.get('steps')} steps): "
-                     + ", ".join(f"{k} {v}" for k, v in (syn.get("counts") or {}).items()))
-    lines += ["", "![generator loss](generator_loss.png)", "", "![real and synthetic samples](real_vs_synthetic.png)", ""]
-    if report["dims"] == 3:
-        lines += ["![synthetic volumes](synthetic_volumes.png)", ""]
-    q = report.get("quality")
-    if q:
-        lines += ["## Quality and privacy", "", "```", json.dumps(_quality_headline(q), indent=2), "```", ""]
-    lines += ["## Packages", "", ", ".join(f"{k} {v}" for k, v in report["packages"].items()), ""]
-    return "\n".join(lines)
+    primary = report["primary_metric"] if report["primary_metric"] in metrics else (metrics or [None])[0]
+    conds = report["design"]["conditions"]
+    for m in dict.fromkeys(m for m in (primary, "auc") if m in metrics):
+        images[f"learning_curve_{m}.png"] = figures.learning_curve_png(report["summary"], report["design"]["sizes"], m, conds)
+    if primary and any(primary in c for by_c in report["comparisons"].values() for c in by_c.values()):
+        images["paired_differences.png"] = figures.paired_differences_png(report["comparisons"], primary)
+    if report["roc"]:
+        images["roc.png"] = figures.roc_png(report["roc"])
+    if report["confusion"]:
+        images["confusion.png"] = figures.confusion_png(report["confusion"], report["data"]["class_names"])
+    samples = report.get("samples") or {}
+    if samples.get("rows"):
+        rows = samples["rows"]
+        masks = [r["masks"] for r in rows]
+        images["real_vs_synthetic.png"] = figures.grid_png(
+            np.concatenate([_decode(r["images"]) for r in rows]),
+            np.concatenate([_decode(m, scale=False) for m in masks]) if all(m is not None for m in masks) else None,
+            columns=THUMBNAILS, row_labels=[r["label"] for r in rows],
+            title=f"real training images and synthetic samples of split {samples['fold']}, per class")
+    if samples.get("orthogonal"):
+        o = samples["orthogonal"]
+        images["synthetic_volumes.png"] = figures.orthogonal_png(
+            [_decode(b) for b in o["images"]], None if o["masks"] is None else [_decode(b, scale=False) for b in o["masks"]],
+            title="synthetic volumes: axial, coronal, sagittal middle slices")
+    if any(report["generator_loss"].values()):
+        images["generator_loss.png"] = figures.loss_curves_png(report["generator_loss"])
+    return images
 
 
-def _quality_headline(q: dict) -> dict:
-    keep = ("privacy_passed", "encoder", "gate")
-    return {k: q[k] for k in keep if k in q} or {k: q[k] for k in list(q)[:5]}
+def render_from_json(source: dict | str | Path, out_dir: str | Path) -> dict:
+    """Write report.html, report.md and the PNG figures into ``out_dir`` from a report.json
+    (a path, or its loaded dict). Returns the report. Deterministic: the same report.json gives
+    byte-identical files."""
+    from raysynth.study.document import build_document
+    from raysynth.study.html import render_html, render_markdown
+
+    if isinstance(source, dict):
+        report = json.loads(json.dumps(source))  # what a reader of the file would see
+    else:
+        if not Path(source).is_file():
+            raise StageError(f"report: no report.json at {source}; run `raysynth report` after the study")
+        report = json.loads(Path(source).read_text())
+    missing = {"design", "summary", "comparisons", "roc", "confusion", "samples"} - set(report)
+    if missing:
+        raise StageError(f"report: report.json lacks {sorted(missing)} (written by an older raysynth); "
+                         "rerun `raysynth report` with the study's results present")
+    images = report_figures(report)
+    title, blocks = build_document(report, set(images))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, png in images.items():
+        (out / name).write_bytes(png)
+    (out / "report.md").write_text(render_markdown(blocks))
+    (out / "report.html").write_text(render_html(blocks, images, title))
+    return report
 
 
 def summary_lines(report: dict) -> list[str]:
-    """The short summary printed at the end of a run."""
+    """The short summary printed at the end of a run: the primary metric per condition and size,
+    and each condition against baseline with the primary (corrected) test."""
     lines = []
-    primary = report["primary_metric"] if report["primary_metric"] in report["metrics"] else (report["metrics"] or [""])[0]
-    for arm, by_metric in report["summary"].items():
-        if primary in by_metric:
-            lines.append(f"{arm:>12}: {primary} {by_metric[primary]['mean']:.3f} (sd {by_metric[primary]['sd']:.3f}, n={by_metric[primary]['n']})")
-    for arm, by_metric in report["comparisons"].items():
-        c = by_metric.get(primary, {})
-        if "mean_diff" in c:
-            lines.append(f"{arm} - baseline: {c['mean_diff']:+.3f} [95% CI {c['ci_low']:+.3f}, {c['ci_high']:+.3f}], "
-                         f"paired t p={c.get('t_p', float('nan')):.3g}, Wilcoxon p={c.get('wilcoxon_p', float('nan')):.3g}")
+    metrics = report["metrics"]
+    primary = report["primary_metric"] if report["primary_metric"] in metrics else (metrics or [""])[0]
+    for p in sorted(report["summary"], key=float, reverse=True):
+        for c, by_metric in report["summary"][p].items():
+            if primary in by_metric:
+                s = by_metric[primary]
+                lines.append(f"real {float(p):>4.0%} {c:>24}: {primary} {s['mean']:.3f} (sd {s['sd']:.3f}, "
+                             f"{s['n_splits']} splits)")
+        for c, by_metric in report["comparisons"].get(p, {}).items():
+            r = by_metric.get(primary, {})
+            if "mean_diff" in r:
+                lines.append(f"real {float(p):>4.0%} {c} - baseline: {r['mean_diff']:+.3f} "
+                             f"[corrected 95% CI {r['nb_ci_low']:+.3f}, {r['nb_ci_high']:+.3f}], "
+                             f"corrected t p={r.get('nb_p', float('nan')):.3g} (Holm {r.get('nb_p_holm', float('nan')):.3g}), "
+                             f"paired t p={r.get('t_p', float('nan')):.3g}")
     q = report.get("quality")
     if q and "privacy_passed" in q:
         lines.append(f"privacy gate: {'passed' if q['privacy_passed'] else 'FAILED'}")

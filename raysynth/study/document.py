@@ -1,0 +1,204 @@
+"""What the report says, as a list of blocks built from report.json alone (see ``html.py``).
+
+The methods text is generated from the config stored in report.json, so it always describes
+the run that produced the numbers beside it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import yaml
+
+from raysynth.config import StudyConfig
+from raysynth.study.html import Block, Bullets, Figure, Heading, Paragraph, Preformatted, Table
+
+ALPHA = 0.05
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.1e}"
+    return str(x)
+
+
+def _pct(p: str | float) -> str:
+    return f"{float(p):.0%}"
+
+
+def _primary(report: dict) -> str:
+    metrics = report["metrics"]
+    return report["primary_metric"] if report["primary_metric"] in metrics else (metrics or [""])[0]
+
+
+def methods(report: dict) -> list[str]:
+    """Methods paragraphs, generated from the stored config and design."""
+    cfg, d, design = report["config"], report["data"], report["design"]
+    df, s, st, cv = cfg["diffusion"], cfg["sampling"], cfg["study"], cfg["cv"]
+    sizes = design["sizes"]
+    n_splits = design["folds_per_repeat"] * design["repeats"]
+    classes = ", ".join(f"{n} ({d.get('counts', {}).get(n, '?')})" for n in d["class_names"])
+    source = cfg["data"]["source"] or "the embedded MNI152-based cohort"
+    shape = "x".join(str(v) for v in d.get("shape", []))
+    fractions = sorted(design["real_fractions"], reverse=True)
+    frac_text = ", ".join(f"{_pct(p)} (mean {sizes.get(f'{p:g}', {}).get('n_real', float('nan')):.0f} images)"
+                          for p in fractions)
+    ratios = ", ".join(f"{r:g}" for r in design["ratios"])
+    balance = ("every class gets r times the largest real class" if s["class_balance"] == "balanced"
+               else "every class gets r times its own real count")
+    lr = st["learning_rate"] if st["learning_rate"] is not None else (1e-2 if report["task"] == "segmentation" else 1e-3)
+    arms = "; ".join(f"{a}: {StudyConfig.ARMS.get(a, a)}" for a in design["arms"])
+    out = [
+        f"Data. {d.get('num_records')} real {report['dims']}D images of {d.get('num_subjects')} subjects from {source}, "
+        f"classes {classes}, preprocessed to {shape} voxels with intensities scaled to [-1, 1] "
+        f"(percentiles {cfg['data']['low_percentile']:g}-{cfg['data']['high_percentile']:g}).",
+        f"Design. Stratified, subject-grouped {design['folds_per_repeat']}-fold cross-validation repeated "
+        f"{design['repeats']} time(s) (seed {cv['seed']}), {n_splits} splits in all, written once and read by every "
+        f"condition and seed. Real training data per split: {frac_text}; the smaller sizes are nested, stratified "
+        f"subsets of each split's training part (seeded; prepared/subsets.json). Test data: the split's whole real "
+        f"test part, for every size and condition. Each condition is trained with seeds {design['seeds']}.",
+        f"Generators. One class-conditional {df['process']} diffusion model per split and real-data size, trained only "
+        f"on that size's real training images (a UNet with widths {df['channels']}, {df['train_steps']} steps of batch "
+        f"{df['batch_size']}, AdamW at {df['learning_rate']:g}, EMA {df['ema_decay']:g}"
+        + (f", at most {df['max_train_images']} images" if df["max_train_images"] else "")
+        + f"), sampled with the {s['sampler']} sampler in {s['steps']} steps. Synthetic-to-real ratios r: {ratios} "
+        f"({balance}); each generator is sampled once at the largest ratio and a smaller ratio takes the first "
+        f"samples of each class, so the sets are nested.",
+        f"Conditions. {arms}. Classical augmentation (MONAI, per training batch): random flips on every axis, affine "
+        f"(rotation up to 15 degrees, scale +-10%, translation +-2 voxels), elastic deformation (2D), bias field, "
+        f"gamma contrast (0.7-1.5) and Gaussian noise.",
+        f"Downstream model. A VGG-style CNN of width {st['width']} ({report['task']}), AdamW at learning rate {lr:g} with "
+        f"a cosine schedule, {st['epochs']} epochs, batch {st['batch_size']}, on {st['cpus_per_trial']} CPU(s) and "
+        f"{st['gpus_per_trial']:g} GPU per Ray Tune trial. Metrics on the real test part: {', '.join(report['metrics'])} "
+        "(for more than two classes, sensitivity and specificity are macro averages and AUC is macro one-vs-rest).",
+        f"Statistics. Each metric is averaged over seeds within a split, and conditions are compared with baseline at "
+        f"the same real-data size, paired by split. Primary test: the {report['primary_test']['label']}, because "
+        f"{report['primary_test']['why']}. Also reported: the paired t-test, the Wilcoxon signed-rank test, a BCa "
+        f"bootstrap 95% interval of the mean paired difference (10000 resamples), and Cohen's d_z and Hedges' g_z. "
+        f"Intervals of single conditions are Nadeau-Bengio corrected t intervals over splits. In the correction, "
+        f"n_train is the number of real training images at that real-data size and n_test the size of the test part.",
+    ]
+    return out
+
+
+def findings(report: dict) -> list[str]:
+    """One sentence per condition and size on the primary metric, read off the corrected test."""
+    m, out = _primary(report), []
+    for p in sorted(report["comparisons"], key=float, reverse=True):
+        for c, by_metric in report["comparisons"][p].items():
+            r = by_metric.get(m, {})
+            if "mean_diff" not in r:
+                continue
+            holm_p = r.get("nb_p_holm", float("nan"))
+            verdict = ("significant after Holm correction" if holm_p < ALPHA else
+                       "not significant after Holm correction" if not math.isnan(holm_p) else "no test possible")
+            out.append(f"Real data {_pct(p)}, {c}: {m} {r['mean_b']:.3f} against baseline {r['mean_a']:.3f}, difference "
+                       f"{r['mean_diff']:+.3f} (corrected 95% CI {_fmt(r['nb_ci_low'])} to {_fmt(r['nb_ci_high'])}; "
+                       f"bootstrap {_fmt(r['boot_ci_low'])} to {_fmt(r['boot_ci_high'])}; "
+                       f"corrected p = {_fmt(r.get('nb_p'))}, Holm {_fmt(holm_p)}; paired t p = {_fmt(r.get('t_p'))}): "
+                       f"{verdict} at {ALPHA:g}.")
+    return out
+
+
+def _summary_table(report: dict) -> Table:
+    metrics = report["metrics"]
+    rows = []
+    for p in sorted(report["summary"], key=float, reverse=True):
+        for c in report["design"]["conditions"]:
+            cell = report["summary"][p].get(c)
+            if cell:
+                rows.append((_pct(p), c, *[f"{_fmt(cell[m]['mean'])} [{_fmt(cell[m]['nb_ci_low'])}, {_fmt(cell[m]['nb_ci_high'])}]"
+                                         if m in cell else "n/a" for m in metrics]))
+    return Table(("real data", "condition", *metrics), tuple(rows),
+                 "mean over splits (seed-averaged) [Nadeau-Bengio corrected 95% CI]")
+
+
+def _comparison_table(report: dict) -> Table:
+    shown = [m for m in dict.fromkeys((_primary(report), "auc")) if m in report["metrics"]]
+    rows = []
+    for p in sorted(report["comparisons"], key=float, reverse=True):
+        for c, by_metric in report["comparisons"][p].items():
+            for m in shown:
+                r = by_metric.get(m, {})
+                if "mean_diff" not in r:
+                    rows.append((_pct(p), c, m, str(r.get("n", 0)), r.get("note", "n/a"), *[""] * 10))
+                    continue
+                rows.append((_pct(p), c, m, str(r["n"]), _fmt(r["mean_diff"]),
+                             f"[{_fmt(r['nb_ci_low'])}, {_fmt(r['nb_ci_high'])}]",
+                             f"[{_fmt(r['boot_ci_low'])}, {_fmt(r['boot_ci_high'])}]",
+                             _fmt(r.get("nb_p")), _fmt(r.get("nb_p_holm")), _fmt(r.get("t_p")), _fmt(r.get("t_p_holm")),
+                             _fmt(r.get("wilcoxon_p")), _fmt(r.get("cohen_dz")), _fmt(r.get("hedges_gz"))))
+    return Table(("real data", "condition", "metric", "splits", "mean diff", "corrected 95% CI", "bootstrap 95% CI",
+                  "corrected p",
+                  "corrected p (Holm)", "paired t p", "paired t p (Holm)", "Wilcoxon p", "d_z", "g_z"), tuple(rows),
+                 "condition minus baseline, paired by split; every metric and interval is in report.json")
+
+
+def _generator_table(report: dict) -> Table:
+    rows = []
+    for name, g in report["generators"].items():
+        syn = report["synthetic"].get(name, {})
+        rows.append((f"split {name}", _pct(g.get("fraction", 1.0)), str(g["num_train_images"]), str(g["steps"]),
+                     _fmt(g.get("final_loss"), 4), str(syn.get("num_samples", 0)),
+                     ", ".join(f"{k} {v}" for k, v in (syn.get("counts") or {}).items())))
+    return Table(("generator", "real data", "real training images", "steps", "final loss", "synthetic samples",
+                  "per class"), tuple(rows))
+
+
+def _quality_blocks(q: dict) -> list[Block]:
+    rows = []
+    for f in q.get("folds", []):
+        overall = f.get("metrics", {}).get("overall", {})
+        ref, syn = overall.get("reference", {}), overall.get("synthetic_matched", {})
+        gate = f.get("gate", {})
+        rows.append((f"split {f['fold']}", _fmt(syn.get("fd")), _fmt(ref.get("fd")), _fmt(syn.get("precision")),
+                     _fmt(syn.get("recall")), f"{gate.get('count', '?')}/{gate.get('total', '?')}",
+                     "passed" if gate.get("passed") else "FAILED"))
+    return [Paragraph(f"Privacy gate: {'passed' if q.get('privacy_passed') else 'FAILED'}. Quality and privacy are "
+                      "measured for the generators trained on each split's whole training part."),
+            Table(("split", "Frechet distance", "real-vs-real reference", "precision", "recall", "near-copies", "gate"),
+                  tuple(rows), "features from an encoder trained on the split's real training images")]
+
+
+def build_document(report: dict, figures: set[str]) -> tuple[str, list[Block]]:
+    """The report's title and blocks; ``figures`` are the figure names that exist."""
+    title = f"raysynth study report ({report['task']}, {report['dims']}D)"
+    m = _primary(report)
+    fig = lambda name, caption: [Figure(name, caption)] if name in figures else []  # noqa: E731
+    blocks: list[Block] = [Heading(1, title), Paragraph(f"Created {report['created']}. Primary metric: {m}. "
+                                                       f"Primary test: {report['primary_test']['label']}.")]
+    found = findings(report)
+    if found:
+        blocks += [Heading(2, "Findings"), Bullets(tuple(found))]
+    blocks += [Heading(2, "Methods"), *[Paragraph(t) for t in methods(report)]]
+    blocks += [Heading(2, "Downstream models against real-data size"), _summary_table(report),
+               *fig(f"learning_curve_{m}.png", f"{m} against real-data size, per condition, corrected 95% CI"),
+               *fig("learning_curve_auc.png", "AUC against real-data size, per condition, corrected 95% CI")]
+    if report["comparisons"]:
+        n = report["design"]["folds_per_repeat"] * report["design"]["repeats"]
+        blocks += [Heading(2, "Paired comparison against baseline"),
+                   Paragraph(f"With {n} splits the smallest two-sided Wilcoxon p-value is {2 / 2 ** n:.3g}, and every "
+                             "test has little power: read the mean difference and its corrected interval first. A "
+                             "bootstrap interval of a mean of few values cannot be wider than their range, so below "
+                             "about ten splits it understates the uncertainty."),
+                   _comparison_table(report),
+                   *fig("paired_differences.png", f"{m}: per-split differences from baseline, mean and corrected 95% CI")]
+    if "roc.png" in figures or "confusion.png" in figures:
+        blocks += [Heading(2, "ROC curves and confusion matrices"),
+                   *fig("roc.png", "ROC curves from predictions.parquet, pooled over splits and seeds (pooled AUC in the legend)"),
+                   *fig("confusion.png", "confusion matrices, summed over splits and seeds, row-normalised")]
+    blocks += [Heading(2, "Generators and synthetic data"), _generator_table(report),
+               *fig("real_vs_synthetic.png", "real training images and synthetic samples per class and real-data size"),
+               *fig("synthetic_volumes.png", "synthetic volumes, orthogonal middle slices"),
+               *fig("generator_loss.png", "generator training loss")]
+    if report.get("quality"):
+        blocks += [Heading(2, "Quality and privacy"), *_quality_blocks(report["quality"])]
+    blocks += [Heading(2, "Reproducibility"),
+               Paragraph("Every number and figure here is rebuilt from report.json: `raysynth report` re-renders it, or "
+                         "call raysynth.study.report.render_from_json('report.json', 'out/')."),
+               Table(("package", "version"), tuple((k, v) for k, v in report["packages"].items())),
+               Heading(3, "Config"), Preformatted(yaml.safe_dump(report["config"], sort_keys=False).rstrip())]
+    return title, blocks
