@@ -22,8 +22,8 @@ COMMANDS = {
     "train": "train one DDPM per fold with Ray Train",
     "sample": "sample synthetic shards per fold with Ray Data",
     "quality": "fidelity, diversity and the memorisation (privacy) gate",
-    "study": "Ray Tune grid: arm x fold x seed of downstream CNNs",
-    "report": "paired statistics, figures, report.json and report.md",
+    "study": "Ray Tune grid of downstream CNNs: arm x ratio x real-data size x fold x seed",
+    "report": "paired statistics, figures, report.json, report.html and report.md",
     "pipeline": "all stages, skipping finished work",
 }
 

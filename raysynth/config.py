@@ -29,7 +29,6 @@ Process = Literal["ddpm", "gamma"]
 Sampler = Literal["ddpm", "ddim", "dpmsolver++", "euler", "heun"]
 Denoise = Literal["none", "gaussian", "median"]
 BadFilePolicy = Literal["error", "skip"]
-Arm = Literal["baseline", "augmented"]
 Encoder = Literal["trained", "random"]
 ClassBalance = Literal["balanced", "proportional"]
 
