@@ -31,7 +31,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/python bench/smoke_timing.py
+	$(BIN)/python bench/pipeline_timing.py --preset smoke
 
 clean:
 	rm -rf runs .pytest_cache
