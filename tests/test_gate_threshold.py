@@ -32,3 +32,14 @@ def test_threshold_rises_to_the_real_reference(quantile, expected_raise):
 def test_without_reference_the_configured_threshold_holds():
     assert effective_threshold(0.9, 0.99, np.zeros(0)) == 0.9
     assert effective_threshold(0.999, 0.5, np.array([0.2, 0.3])) == 0.999
+
+
+def test_study_reads_the_drop_list_the_quality_stage_writes(tmp_path):
+    from raysynth.layout import Layout, write_json
+    from raysynth.study.cv import dropped_ids
+
+    layout = Layout.at(tmp_path)
+    assert dropped_ids(layout) == set()
+    write_json(layout.quality / "dropped.json", {"config_digest": "x", "ncc_threshold": 0.95,
+                                                 "ids": {"0": ["syn-f0-c0-0000001"], "1": ["syn-f1-c1-0000002"]}})
+    assert dropped_ids(layout) == {"syn-f0-c0-0000001", "syn-f1-c1-0000002"}

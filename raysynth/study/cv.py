@@ -51,11 +51,8 @@ def dropped_ids(layout: Layout) -> set[str]:
     path = layout.quality / "dropped.json"
     if not path.is_file():
         return set()
-    dropped = read_json(path)
-    ids = dropped.get("ids") if isinstance(dropped, dict) and "ids" in dropped else dropped
-    if isinstance(ids, dict):
-        return {i for per_fold in ids.values() for i in per_fold}
-    return set(ids or [])
+    # Written by quality.stage as {"ids": {"<fold>": [synthetic ids]}, ...}: one format to read.
+    return {i for per_fold in read_json(path)["ids"].values() for i in per_fold}
 
 
 def trial_data(cfg: Config, layout: Layout, trial: dict, dropped: set[str]):
