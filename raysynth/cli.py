@@ -23,6 +23,7 @@ COMMANDS = {
     "sample": "sample synthetic shards per fold with Ray Data",
     "quality": "fidelity, diversity and the memorisation (privacy) gate",
     "study": "Ray Tune grid of downstream CNNs: arm x ratio x real-data size x fold x seed",
+    "robustness": "study models on corrupted test parts and an external test set, without retraining",
     "report": "paired statistics, figures, report.json, report.html and report.md",
     "pipeline": "all stages, skipping finished work",
 }
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
         if name in ("train", "sample"):
             p.add_argument("--folds", type=int, nargs="+", metavar="K", help="only these folds")
+        if name in ("robustness", "report", "pipeline"):
+            p.add_argument("--external-test", metavar="PATH",
+                           help="external test set (class folders or NIfTI + labels.csv), never trained or selected on")
         if name == "sample":
             p.add_argument("--num-samples", type=int, metavar="N",
                            help="synthetic samples per fold (grows or shrinks an existing set; overrides the ratio)")
@@ -61,6 +65,8 @@ def resolve_config(args: argparse.Namespace):
         overrides.insert(0, f"data.dims={args.dims}")
     if args.task is not None:
         overrides.insert(0, f"data.task={args.task}")
+    if getattr(args, "external_test", None) is not None:
+        overrides.insert(0, f"robustness.external_test={json.dumps(args.external_test)}")
     return load_config(args.preset, args.config, overrides)
 
 

@@ -5,7 +5,8 @@ OUT/prepared/    data.parquet, fingerprint.json, splits.json, subsets.json (scar
 OUT/ddpm/fold_k/ checkpoint/, config.json, train_ids.json, metrics.jsonl
 OUT/synthetic/fold_k/ part-*.parquet, nifti/*.nii.gz, manifest.json, grid_*.png
 OUT/quality/     quality.json, figures
-OUT/study/       results.parquet, predictions.parquet
+OUT/study/       results.parquet, predictions.parquet, trials/*.json, models/*.pt
+OUT/robustness/  corrupted.parquet, external.parquet, external_predictions.parquet, robustness.json
 OUT/report/      report.json, report.html, report.md, *.png
 ```
 
@@ -69,6 +70,14 @@ class Layout:
     @property
     def study(self) -> Path:
         return self.root / "study"
+
+    def study_model(self, key: str) -> Path:
+        """The trained downstream network of one study trial (``cv.trial_key``)."""
+        return self.study / "models" / f"{key}.pt"
+
+    @property
+    def robustness(self) -> Path:
+        return self.root / "robustness"
 
     @property
     def report(self) -> Path:

@@ -11,7 +11,7 @@ from raysynth.layout import Layout
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare", "train", "sample", "quality", "study", "report")
+STAGES = ("prepare", "train", "sample", "quality", "study", "robustness", "report")
 
 
 def run_stage(name: str, cfg: Config, layout: Layout, *, force: bool = False, folds: Optional[list[int]] = None,
@@ -37,6 +37,10 @@ def run_stage(name: str, cfg: Config, layout: Layout, *, force: bool = False, fo
         from raysynth.study.cv import run_study
 
         return run_study(cfg, layout, force=force)
+    if name == "robustness":
+        from raysynth.study.robustness import run_robustness
+
+        return run_robustness(cfg, layout, force=force)
     if name == "tune":  # optional, before train: search gamma and the learning rate
         from raysynth.diffusion.tune import search
 
@@ -49,7 +53,7 @@ def run_stage(name: str, cfg: Config, layout: Layout, *, force: bool = False, fo
 
 
 def run_pipeline(cfg: Config, layout: Layout, *, force: bool = False) -> dict[str, Any]:
-    """prepare -> train -> sample -> quality -> study -> report. Returns the report and timings."""
+    """prepare -> train -> sample -> quality -> study -> robustness -> report. Returns the report and timings."""
     timings: dict[str, float] = {}
     results: dict[str, Any] = {}
     for name in STAGES:

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from raysynth.config import load_config
-from raysynth.data.prepare import external_test_set, load_prepared, prepare
+from raysynth.data.external import external_test_set
+from raysynth.data.prepare import load_prepared, prepare
 from raysynth.data.schema import read_parquet
 from raysynth.data.splits import make_splits
 from raysynth.errors import InputError, StageError

@@ -75,18 +75,6 @@ def load_prepared(layout: Layout, cfg: Optional[Config] = None) -> tuple[ImageSe
     return read_parquet(layout.data_parquet), fingerprint, read_json(layout.splits)["folds"]
 
 
-def external_test_set(cfg: Config, num_scans: Optional[int] = None) -> ImageSet:
-    """The built-in external test set: the embedded cohort seen by another simulated scanner
-    (:data:`raysynth.data.phantom.SCANNERS` ``[True]``), preprocessed like the main cohort.
-    Only meaningful when the main data is the embedded cohort (the same two classes)."""
-    from raysynth.data.phantom import cohort_from_config
-
-    if cfg.data.source is not None:
-        raise InputError("external_test_set: the built-in external set matches only the embedded "
-                         f"cohort, but data.source is {cfg.data.source!r}")
-    return preprocess(cohort_from_config(cfg.data, shifted=True, num_scans=num_scans), cfg.data)
-
-
 def source_signature(source: Optional[str]) -> Optional[str]:
     """A hash of every file's path, size and mtime under ``source`` (None for the embedded cohort):
     the config digest alone cannot see files added to or changed in the folder."""

@@ -7,7 +7,8 @@ pairing the statistics rely on. Test folds are the fold's whole real test part, 
 
 Each trial asks Tune for ``study.cpus_per_trial`` / ``gpus_per_trial``; a failed trial is retried
 ``study.max_failures`` times. Each finished trial is written at once to
-``OUT/study/trials/<key>.json`` by a driver-side Tune callback that also logs progress, so a study
+``OUT/study/trials/<key>.json`` by a driver-side Tune callback (the trained network goes to
+``OUT/study/models/<key>.pt``, so the robustness stage can evaluate it without retraining) that also logs progress, so a study
 that dies half-way resumes with only the missing trials. The artifact is
 ``OUT/study/results.parquet`` (one row per trial) and ``predictions.parquet`` (per test record),
 gathered from those files.
@@ -108,7 +109,8 @@ def run_trial(config: dict) -> None:
         epochs=st.epochs, batch_size=st.batch_size, learning_rate=st.lr_for(cfg.data.task), width=st.width, seed=seed,
         device="cuda" if torch.cuda.is_available() and st.gpus_per_trial > 0 else "cpu",
         augment=augment_for(Condition(trial["arm"], trial["ratio"]), cfg.data.dims, seed, segmentation),
-        class_names=fingerprint["class_names"],
+        class_names=fingerprint["class_names"], mask_class_names=fingerprint.get("mask_names"),
+        save_to=layout.study_model(trial_key(**trial)),
     )
     scalars = {k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))}
     payload = {
@@ -116,6 +118,7 @@ def run_trial(config: dict) -> None:
         "n_real": n_real, "n_synthetic": n_synthetic, "n_test": len(test), "seconds": time.time() - t0,
         "metrics": result["metrics"], "test_ids": test.ids, "y_true": result.get("y_true"),
         "y_prob": result.get("y_prob"), "per_sample": result.get("per_sample_dice"),
+        "model": str(layout.study_model(trial_key(**trial)).relative_to(layout.root)),
     }
     tune.report({**scalars, "payload": json.dumps(payload)})
 

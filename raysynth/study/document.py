@@ -190,6 +190,9 @@ def build_document(report: dict, figures: set[str]) -> tuple[str, list[Block]]:
         blocks += [Heading(2, "ROC curves and confusion matrices"),
                    *fig("roc.png", "ROC curves from predictions.parquet, pooled over splits and seeds (pooled AUC in the legend)"),
                    *fig("confusion.png", "confusion matrices, summed over splits and seeds, row-normalised")]
+    from raysynth.study.robust_document import robustness_blocks
+
+    blocks += robustness_blocks(report, figures)
     blocks += [Heading(2, "Generators and synthetic data"), _generator_table(report),
                *fig("real_vs_synthetic.png", "real training images and synthetic samples per class and real-data size"),
                *fig("synthetic_volumes.png", "synthetic volumes, orthogonal middle slices"),

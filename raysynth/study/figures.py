@@ -6,6 +6,7 @@ in the metadata), so re-rendering a report gives byte-identical images.
 
 from __future__ import annotations
 
+import base64
 import io
 from pathlib import Path
 from typing import Optional, Sequence
@@ -24,6 +25,20 @@ def middle_slice(image: np.ndarray, axis: int = 0) -> np.ndarray:
     if image.ndim != 3:
         raise ValueError(f"middle_slice: expected (H, W) or (D, H, W), got {image.shape}")
     return np.take(image, image.shape[axis] // 2, axis=axis)
+
+
+def encode_images(images: np.ndarray, scale: bool = True) -> dict:
+    """Images as base64 uint8 (intensities [-1, 1] -> 0..255), small enough for report.json;
+    ``scale=False`` stores integer label maps as they are."""
+    data = np.round((np.asarray(images) + 1.0) * 127.5).clip(0, 255) if scale else images
+    arr = np.ascontiguousarray(data, dtype=np.uint8)
+    return {"shape": list(arr.shape), "uint8_base64": base64.b64encode(arr.tobytes()).decode("ascii")}
+
+
+def decode_images(blob: dict, scale: bool = True) -> np.ndarray:
+    """The inverse of :func:`encode_images` (to 1/127.5 of an intensity unit)."""
+    arr = np.frombuffer(base64.b64decode(blob["uint8_base64"]), dtype=np.uint8).reshape(blob["shape"])
+    return arr.astype(np.float32) / 127.5 - 1.0 if scale else arr.copy()
 
 
 def png_bytes(fig) -> bytes:

@@ -8,8 +8,10 @@ torch RNG state and thread count untouched.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -72,6 +74,77 @@ def build_segmenter(dims: int, in_channels: int, num_classes: int, width: int) -
         spatial_dims=dims, in_channels=in_channels, out_channels=num_classes,
         channels=(width, 2 * width, 4 * width), strides=(2, 2), num_res_units=1,
     )
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """What rebuilds a trained downstream network: its task, dims, number of outputs and width."""
+
+    task: str
+    dims: int
+    num_outputs: int
+    """Classification: classes. Segmentation: mask classes, background included."""
+    width: int
+
+    def build(self) -> nn.Module:
+        if self.task == "segmentation":
+            return build_segmenter(self.dims, 1, self.num_outputs, self.width)
+        return build_classifier(self.dims, 1, self.num_outputs, self.width)
+
+
+def save_network(model: nn.Module, spec: NetworkSpec, path: str | Path) -> None:
+    """Write ``{"spec", "state_dict"}`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"spec": asdict(spec), "state_dict": state}, tmp)
+    tmp.replace(path)
+
+
+def load_network(path: str | Path, device: str = "cpu") -> tuple[nn.Module, NetworkSpec]:
+    """The network written by :func:`save_network`, in eval mode on ``device``."""
+    blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+    spec = NetworkSpec(**blob["spec"])
+    model = spec.build()
+    model.load_state_dict(blob["state_dict"])
+    return model.to(torch.device(device)).eval(), spec
+
+
+def predict(model: nn.Module, task: str, images: np.ndarray, *, batch_size: int, device: str = "cpu") -> np.ndarray:
+    """Batched inference on ``images`` ``(N, *S)`` in [-1, 1]: classification gives ``(N, K)``
+    softmax probabilities (float64), segmentation ``(N, *S)`` argmax label maps (uint8)."""
+    dev = torch.device(device)
+    model.eval()
+    # np.require copies only what is not already a writable float32 C array (Ray hands out read-only ones).
+    x = torch.from_numpy(np.require(images, np.float32, ["C", "W"])).unsqueeze(1)
+    seg = task == "segmentation"
+    outputs = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch_size):
+            logits = model(x[i : i + batch_size].to(dev))
+            outputs.append((logits.argmax(1).to(torch.uint8) if seg else logits.float().softmax(1)).cpu())
+    out = torch.cat(outputs).numpy()
+    return out if seg else out.astype(np.float64)
+
+
+def evaluate(model: nn.Module, task: str, test: ImageSet, *, num_classes: int, num_mask_classes: Optional[int],
+             batch_size: int, device: str = "cpu", class_names: Optional[list[str]] = None,
+             mask_class_names: Optional[list[str]] = None, images: Optional[np.ndarray] = None) -> dict:
+    """Score ``model`` on ``test``: ``{"metrics", "y_true", "y_prob", "per_sample_dice"}`` (see
+    :class:`TrainResult`). ``images`` replaces ``test.images`` (a corrupted copy, same shape)
+    while the labels and masks stay those of ``test``."""
+    x = test.images if images is None else images
+    if x.shape != test.images.shape:
+        raise ValueError(f"images: shape {x.shape} differs from the test set's {test.images.shape}")
+    out = predict(model, task, x, batch_size=batch_size, device=device)
+    if task == "segmentation":
+        metrics = segmentation_metrics(out, test.masks, num_mask_classes, mask_class_names, spacing=test.spacing)
+        return {"metrics": metrics, "y_true": [], "y_prob": None, "per_sample_dice": metrics["per_sample_dice"]}
+    names = class_names or [str(c) for c in range(num_classes)]
+    metrics = classification_metrics(test.labels.astype(np.int64), out, names)
+    return {"metrics": metrics, "y_true": test.labels.astype(int).tolist(), "y_prob": out.tolist(),
+            "per_sample_dice": None}
 
 
 @dataclass
@@ -156,6 +229,7 @@ def fit_and_evaluate(
     class_names: Optional[list[str]] = None,
     mask_class_names: Optional[list[str]] = None,
     weight_decay: float = 1e-4,
+    save_to: Optional[str | Path] = None,
 ) -> dict:
     """Train a fresh network on ``train`` and score it on ``test``; returns ``TrainResult.to_dict()``.
 
@@ -166,7 +240,8 @@ def fit_and_evaluate(
 
     ``augment(images (B, 1, *S), masks (B, *S) | None) -> (images, masks)`` is applied to every
     training batch on the CPU (see ``augment.build_classical_augment``). ``progress`` receives
-    ``{"epoch", "epochs", "train_loss", "lr", "seconds"}`` after each epoch.
+    ``{"epoch", "epochs", "train_loss", "lr", "seconds"}`` after each epoch. ``save_to``: also
+    write the trained network there (:func:`save_network`), for evaluation without retraining.
     Returned keys: see :class:`TrainResult`; ``metrics`` comes from ``metrics.py``.
     """
     _validate(task, train, test, num_classes, num_mask_classes, epochs, batch_size, learning_rate, width)
@@ -175,13 +250,9 @@ def fit_and_evaluate(
     # fork_rng restores the caller's RNG state afterwards; the seed alone fixes init and dropout.
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
-        dims = train.dims
-        if seg:
-            model = build_segmenter(dims, 1, num_mask_classes, width).to(dev)
-            loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-        else:
-            model = build_classifier(dims, 1, num_classes, width).to(dev)
-            loss_fn = nn.CrossEntropyLoss()
+        spec = NetworkSpec(task, train.dims, num_mask_classes if seg else num_classes, width)
+        model = spec.build().to(dev)
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True) if seg else nn.CrossEntropyLoss()
 
         x_all = torch.from_numpy(np.ascontiguousarray(train.images, dtype=np.float32)).unsqueeze(1)
         y_all = torch.from_numpy(np.ascontiguousarray(train.masks if seg else train.labels)).long()
@@ -220,24 +291,14 @@ def fit_and_evaluate(
                           "lr": schedule.get_last_lr()[0], "seconds": time.perf_counter() - start})
         train_seconds = time.perf_counter() - start
 
-        # Evaluation: batched inference on the real test fold.
         start = time.perf_counter()
-        model.eval()
-        x_test = torch.from_numpy(np.ascontiguousarray(test.images, dtype=np.float32)).unsqueeze(1)
-        outputs = []
-        with torch.inference_mode():
-            for i in range(0, len(test), batch_size):
-                logits = model(x_test[i : i + batch_size].to(dev))
-                outputs.append((logits.argmax(1).to(torch.uint8) if seg else logits.softmax(1)).cpu())
-        out = torch.cat(outputs).numpy()
-        if seg:
-            metrics = segmentation_metrics(out, test.masks, num_mask_classes, mask_class_names, spacing=test.spacing)
-            y_true, y_prob, per_sample = [], None, metrics["per_sample_dice"]
-        else:
-            names = class_names or [str(c) for c in range(num_classes)]
-            metrics = classification_metrics(test.labels.astype(np.int64), out.astype(np.float64), names)
-            y_true, y_prob, per_sample = test.labels.astype(int).tolist(), out.astype(float).tolist(), None
+        evaluation = evaluate(model, task, test, num_classes=num_classes, num_mask_classes=num_mask_classes,
+                              batch_size=batch_size, device=device, class_names=class_names,
+                              mask_class_names=mask_class_names)
+        metrics, y_true, y_prob, per_sample = (evaluation[k] for k in ("metrics", "y_true", "y_prob", "per_sample_dice"))
         eval_seconds = time.perf_counter() - start
+        if save_to is not None:
+            save_network(model, spec, save_to)
 
     return TrainResult(
         task=task, metrics=metrics, y_true=y_true, y_prob=y_prob, per_sample_dice=per_sample,

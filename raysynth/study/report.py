@@ -11,7 +11,6 @@ with the study's results.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import importlib.metadata
 import json
@@ -28,10 +27,12 @@ from raysynth.errors import StageError
 from raysynth.layout import Layout, fraction_tag, read_json, write_json
 from raysynth.study import aggregate, figures
 from raysynth.study.design import conditions, generator_fractions
+from raysynth.study.figures import decode_images as _decode
+from raysynth.study.figures import encode_images as _encode
 
 log = logging.getLogger(__name__)
 
-CLASSIFICATION_METRICS = ["accuracy", "balanced_accuracy", "sensitivity", "specificity", "auc"]
+CLASSIFICATION_METRICS = ["accuracy", "balanced_accuracy", "sensitivity", "specificity", "auc", "ece"]
 SEGMENTATION_METRICS = ["mean_dice", "mean_hd95"]
 PACKAGES = ["raysynth", "ray", "torch", "diffusers", "monai", "nibabel", "nilearn", "pyarrow", "scikit-learn", "scipy",
             "numpy", "matplotlib"]
@@ -53,8 +54,8 @@ def write_report(cfg: Config, layout: Layout) -> dict[str, Any]:
     """Build report.json from the study (unless it is already up to date), then render it."""
     path = layout.report / "report.json"
     results = layout.study / "results.parquet"
-    if path.is_file() and (not results.is_file() or read_json(path).get("results_sha256") == _sha256(results)):
-        log.info("report: report.json is up to date with the study; re-rendering from it alone")
+    if path.is_file() and (not results.is_file() or read_json(path).get("results_sha256") == _inputs_sha256(layout)):
+        log.info("report: report.json is up to date with the study and robustness; re-rendering from it alone")
     else:
         write_json(path, build_report(cfg, layout))
     report = render_from_json(path, layout.report)
@@ -108,14 +109,40 @@ def build_report(cfg: Config, layout: Layout) -> dict[str, Any]:
         "generator_loss": losses,
         "synthetic": manifests,
         "quality": read_json(quality_path) if quality_path.is_file() else None,
+        "robustness": _robustness(cfg, layout, rows, predictions, metrics),
         "config": cfg.to_dict(),
         "packages": package_versions(),
-        "results_sha256": _sha256(layout.study / "results.parquet"),
+        "results_sha256": _inputs_sha256(layout),
     }
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _inputs_sha256(layout: Layout) -> str:
+    """Hash of the study's results and the robustness stage's tables: report.json is current
+    while it matches."""
+    h = hashlib.sha256()
+    for path in (layout.study / "results.parquet", layout.robustness / "robustness.json",
+                 layout.robustness / "corrupted.parquet", layout.robustness / "external.parquet"):
+        if path.is_file():
+            h.update(path.name.encode() + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _robustness(cfg: Config, layout: Layout, rows: list[dict], predictions, metrics: list[str]):
+    """The robustness section (``robust_aggregate``), or None when that stage has not run."""
+    from raysynth.study.robust_aggregate import robustness_section
+    from raysynth.study.robustness import load_table, robustness_digest
+
+    info_path = layout.robustness / "robustness.json"
+    if not info_path.is_file():
+        return None
+    info = read_json(info_path)
+    if info.get("digest") != robustness_digest(cfg):
+        log.warning("report: %s is from another config or study; run `raysynth robustness` to include it", info_path)
+        return None
+    primary = cfg.study.primary_metric if cfg.study.primary_metric in metrics else metrics[0]
+    return robustness_section(rows, load_table(layout, "corrupted"), load_table(layout, "external"), predictions,
+                              load_table(layout, "external_predictions"), metrics, primary, info,
+                              cfg.robustness.calibration_bins)
 
 
 def _loss_history(path: Path, max_points: int = 200) -> list[list[float]]:
@@ -124,18 +151,6 @@ def _loss_history(path: Path, max_points: int = 200) -> list[list[float]]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     step = max(1, len(rows) // max_points)
     return [[int(r["step"]), float(r["loss_ema"])] for r in rows[::step]]
-
-
-def _encode(images: np.ndarray, scale: bool = True) -> dict:
-    """Images as base64 uint8 (intensities [-1, 1] -> 0..255), small enough for report.json."""
-    data = np.round((images + 1.0) * 127.5).clip(0, 255) if scale else images
-    arr = np.ascontiguousarray(data, dtype=np.uint8)
-    return {"shape": list(arr.shape), "uint8_base64": base64.b64encode(arr.tobytes()).decode("ascii")}
-
-
-def _decode(blob: dict, scale: bool = True) -> np.ndarray:
-    arr = np.frombuffer(base64.b64decode(blob["uint8_base64"]), dtype=np.uint8).reshape(blob["shape"])
-    return arr.astype(np.float32) / 127.5 - 1.0 if scale else arr.copy()
 
 
 def _samples(cfg: Config, layout: Layout, records, splits: list[dict], class_names: list[str]) -> dict:
@@ -209,6 +224,34 @@ def report_figures(report: dict) -> dict[str, bytes]:
             title="synthetic volumes: axial, coronal, sagittal middle slices")
     if any(report["generator_loss"].values()):
         images["generator_loss.png"] = figures.loss_curves_png(report["generator_loss"])
+    if report.get("robustness"):
+        images.update(robustness_figures(report["robustness"], conds))
+    return images
+
+
+def robustness_figures(rb: dict, conditions: list[str]) -> dict[str, bytes]:
+    """The robustness section's figures (``robust_figures``), by file name."""
+    from raysynth.study import robust_figures as rf
+
+    images: dict[str, bytes] = {}
+    metric = rb["primary"]
+    if rb.get("examples"):
+        images["corruption_examples.png"] = rf.corruption_examples_png(rb["examples"], rb["severities"])
+    if rb.get("curves"):
+        images["severity_curves.png"] = rf.severity_curves_png(rb["curves"], metric, conditions)
+    if rb.get("mce"):
+        images["mce.png"] = rf.mce_png(rb["mce"], metric)
+    if rb.get("external"):
+        internal = next(iter(rb["curves"].values()))["0"] if rb.get("curves") else None
+        if internal:
+            images["external_vs_internal.png"] = rf.external_scatter_png(internal, rb["external"]["summary"], metric,
+                                                                        conditions)
+    if rb.get("external_examples") and any(rb["external_examples"].values()):
+        images["external_examples.png"] = rf.external_examples_png(rb["external_examples"])
+    for where in ("clean", "external"):
+        if rb.get("calibration", {}).get(where):
+            images[f"reliability_{where}.png"] = rf.reliability_png(
+                rb["calibration"][where], "real test parts" if where == "clean" else "external test set")
     return images
 
 

@@ -1,0 +1,264 @@
+"""Stage ``robustness``: every trained study model on corrupted test parts and an external test set.
+
+Nothing is retrained. The study stage keeps each trial's network (``OUT/study/models/<key>.pt``);
+this stage scores those networks on
+
+* each split's real test part, corrupted with every ``robustness.corruptions`` at every
+  ``robustness.severities`` (``study.augment.build_corruption``). The draws are seeded by (split,
+  corruption, severity) alone, so every arm and seed of a split sees the same corrupted images
+  and the comparisons stay paired;
+* the external test set (``data.external``), which no generator and no model selection has seen.
+
+One Ray task per split corrupts its test part once and scores all of that split's networks
+(every arm, ratio, real fraction and seed). Each finished split is written at once to
+``OUT/robustness/splits/<fold>.json``, so an interrupted stage reruns only the missing splits.
+Artifacts in ``OUT/robustness/``: ``corrupted.parquet`` (one row per trial x corruption x
+severity), ``external.parquet`` (one row per trial), ``external_predictions.parquet``
+(classification: one row per external record and trial) and ``robustness.json`` (what was
+evaluated, with an example test image under every corruption and severity).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raysynth.config import Config, from_dict
+from raysynth.errors import StageError
+from raysynth.layout import Layout, read_json, write_json
+from raysynth.runtime import derive_seed, ensure_ray, set_threads
+
+log = logging.getLogger(__name__)
+
+CLASSIFICATION_SCALARS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "auc", "ece")
+SEGMENTATION_SCALARS = ("mean_dice", "mean_hd95")
+KEY_FIELDS = ("condition", "arm", "ratio", "real_fraction", "fold", "repeat", "seed", "n_real", "n_synthetic", "n_test")
+
+
+def robustness_digest(cfg: Config) -> str:
+    """The study's digest, the robustness section and the external data's file signature."""
+    from raysynth.data.external import BUILTIN, external_source
+    from raysynth.data.prepare import source_signature
+    from raysynth.study.cv import study_digest
+
+    source = external_source(cfg)
+    signature = source_signature(source) if source not in (None, BUILTIN) else None
+    blob = json.dumps({"study": study_digest(cfg), "robustness": cfg.section_digest("robustness"),
+                       "external": [source, signature]}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def corruption_seed(base: int, fold: int, corruption: str, severity: int) -> int:
+    """The seed of one (split, corruption, severity): shared by every arm and seed of the split."""
+    from raysynth.study.augment import CORRUPTIONS
+
+    return derive_seed(base, fold, CORRUPTIONS.index(corruption), severity) % 2**32
+
+
+def corrupt_test_part(cfg: Config, fold: int, images: np.ndarray) -> dict[tuple[str, int], np.ndarray]:
+    """``{(corruption, severity): corrupted copy of images}`` for every configured pair."""
+    from raysynth.study.augment import build_corruption
+
+    rb = cfg.robustness
+    return {(c, s): build_corruption(c, s, corruption_seed(rb.seed, fold, c, s), cfg.data.dims)(images)
+            for c in rb.corruptions for s in sorted(rb.severities)}
+
+
+def _scalars(metrics: dict, task: str) -> dict[str, float]:
+    names = SEGMENTATION_SCALARS if task == "segmentation" else CLASSIFICATION_SCALARS
+    return {k: float(metrics[k]) for k in names if isinstance(metrics.get(k), (int, float))}
+
+
+def evaluate_split(cfg_dict: dict, root: str, fold: int, trials: list[dict], external: Any) -> dict:
+    """Score every network of one split on its corrupted test part and on ``external`` (an
+    ImageSet or None). Returns ``{"fold", "corrupted": rows, "external": rows, "predictions": rows}``."""
+    import torch
+
+    from raysynth.data.prepare import load_prepared
+    from raysynth.study.models import evaluate, load_network
+
+    cfg = from_dict(cfg_dict)
+    set_threads(cfg.study.cpus_per_trial)
+    layout = Layout.at(root)
+    records, fingerprint, splits = load_prepared(layout)
+    split = next(s for s in splits if int(s["fold"]) == fold)
+    test = records.subset_ids(split["test"])
+    task = cfg.data.task
+    device = "cuda" if torch.cuda.is_available() and cfg.study.gpus_per_trial > 0 else "cpu"
+    t0 = time.time()
+    corrupted = corrupt_test_part(cfg, fold, test.images)
+    log.info("robustness: split %d: %d corrupted copies of %d test images in %.1fs", fold, len(corrupted),
+             len(test), time.time() - t0)
+    common = dict(num_classes=int(fingerprint["num_classes"]),
+                  num_mask_classes=int(fingerprint.get("num_mask_classes") or 0) or None,
+                  batch_size=max(cfg.study.batch_size, 64), device=device, class_names=fingerprint["class_names"],
+                  mask_class_names=fingerprint.get("mask_names"))
+    out: dict[str, Any] = {"fold": fold, "corrupted": [], "external": [], "predictions": []}
+    for trial in trials:
+        model, spec = load_network(layout.root / trial["model"], device)
+        key = {k: trial[k] for k in KEY_FIELDS}
+        for (c, s), images in corrupted.items():
+            result = evaluate(model, task, test, images=images, **common)
+            out["corrupted"].append({**key, "corruption": c, "severity": s, **_scalars(result["metrics"], task)})
+        if external is not None:
+            result = evaluate(model, task, external, **common)
+            # n_test is the external set's size here: the size of the test behind each estimate.
+            out["external"].append({**key, "n_test": len(external), "n_external": len(external),
+                                    **_scalars(result["metrics"], task)})
+            if result["y_prob"] is not None:
+                out["predictions"] += [{**key, "id": rid, "y_true": int(y), "y_prob": [float(v) for v in p]}
+                                       for rid, y, p in zip(external.ids, result["y_true"], result["y_prob"])]
+    out["seconds"] = time.time() - t0
+    return out
+
+
+def study_trials(cfg: Config, layout: Layout) -> list[dict]:
+    """The study's finished trials (this config's digest), each with its model path and the
+    row keys of ``results.parquet``."""
+    from raysynth.data.prepare import load_prepared
+    from raysynth.study.cv import study_digest
+
+    digest = study_digest(cfg)
+    folder = layout.study / "trials"
+    trials = [read_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    trials = [t for t in trials if t.get("digest") == digest]
+    if not trials:
+        raise StageError("robustness: no finished study trials for this config; run `raysynth study` first")
+    no_model = [t for t in trials if not t.get("model") or not (layout.root / t["model"]).is_file()]
+    if no_model:
+        raise StageError(f"robustness: {len(no_model)} study trial(s) have no saved network (e.g. fold "
+                         f"{no_model[0]['fold']}, {no_model[0]['condition']}), written by an older raysynth or "
+                         "deleted; rerun `raysynth study --force`")
+    repeat_of = {int(s["fold"]): int(s.get("repeat", 0)) for s in load_prepared(layout)[2]}
+    return [{**t, "real_fraction": float(t["fraction"]), "repeat": repeat_of.get(int(t["fold"]), 0)} for t in trials]
+
+
+def run_robustness(cfg: Config, layout: Layout, force: bool = False) -> Path:
+    """Evaluate the missing splits and gather the tables; returns ``OUT/robustness/robustness.json``."""
+    import ray
+
+    from raysynth.data.external import external_source, load_external
+    from raysynth.data.prepare import load_prepared
+
+    _, fingerprint, _ = load_prepared(layout, cfg)
+    digest = robustness_digest(cfg)
+    folder = layout.robustness / "splits"
+    if force:
+        import shutil
+
+        shutil.rmtree(layout.robustness, ignore_errors=True)
+    trials = study_trials(cfg, layout)
+    by_fold: dict[int, list[dict]] = {}
+    for t in trials:
+        by_fold.setdefault(int(t["fold"]), []).append(t)
+    done = {int(p.stem) for p in folder.glob("*.json") if read_json(p).get("digest") == digest} \
+        if folder.is_dir() else set()
+    pending = sorted(set(by_fold) - done)
+    rb = cfg.robustness
+    log.info("robustness: %d trained networks in %d splits; %d corruptions x %d severities%s; %d split(s) to run",
+             len(trials), len(by_fold), len(rb.corruptions), len(rb.severities),
+             f", external test set {external_source(cfg)}" if external_source(cfg) else ", no external test set",
+             len(pending))
+    external = load_external(cfg, fingerprint) if pending else None
+    if pending:
+        ensure_ray(cfg)
+        task = ray.remote(evaluate_split).options(num_cpus=cfg.study.cpus_per_trial, num_gpus=cfg.study.gpus_per_trial,
+                                                  max_retries=cfg.study.max_failures)
+        ext_ref = ray.put(external)
+        refs = {task.remote(cfg.to_dict(), str(layout.root), fold, by_fold[fold], ext_ref): fold for fold in pending}
+        start, finished = time.time(), 0
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            fold = refs.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except Exception as exc:  # the task already had its retries
+                raise StageError(f"robustness: split {fold} failed: {exc}") from exc
+            write_json(folder / f"{fold}.json", {**result, "digest": digest})
+            finished += 1
+            elapsed = time.time() - start
+            log.info("robustness: split %d done (%d/%d, %.0fs, ~%.0fs left, %d networks)", fold, finished,
+                     len(pending), elapsed, elapsed / finished * (len(pending) - finished), len(by_fold[fold]))
+    return gather(cfg, layout, fingerprint, digest, external)
+
+
+def gather(cfg: Config, layout: Layout, fingerprint: dict, digest: str, external: Any) -> Path:
+    """Concatenate the per-split files into the stage's Parquet tables and robustness.json."""
+    from raysynth.data.external import external_source
+    from raysynth.data.prepare import load_prepared
+
+    parts = [read_json(p) for p in sorted((layout.robustness / "splits").glob("*.json"))]
+    parts = [p for p in parts if p.get("digest") == digest]
+    tables = {"corrupted": [r for p in parts for r in p["corrupted"]],
+              "external": [r for p in parts for r in p["external"]],
+              "external_predictions": [r for p in parts for r in p["predictions"]]}
+    for name, rows in tables.items():
+        path = layout.robustness / f"{name}.parquet"
+        if rows:
+            _write_table(pa.Table.from_pylist(rows), path)
+        else:
+            path.unlink(missing_ok=True)
+    records, _, splits = load_prepared(layout)
+    summary = {
+        "digest": digest,
+        "corruptions": list(cfg.robustness.corruptions),
+        "severities": sorted(cfg.robustness.severities),
+        "seed": cfg.robustness.seed,
+        "external_source": external_source(cfg),
+        "n_external": None if not tables["external"] else int(tables["external"][0]["n_external"]),
+        "n_trials": len({(r["condition"], r["real_fraction"], r["fold"], r["seed"]) for r in tables["corrupted"]}),
+        "splits": sorted(int(p["fold"]) for p in parts),
+        "seconds": sum(float(p.get("seconds", 0.0)) for p in parts),
+        "examples": _examples(cfg, records, splits),
+        "external_examples": None if external is None else _external_examples(external, fingerprint["class_names"]),
+    }
+    path = layout.robustness / "robustness.json"
+    write_json(path, summary)
+    log.info("robustness: %d corrupted and %d external evaluations in %s", len(tables["corrupted"]),
+             len(tables["external"]), layout.robustness)
+    return path
+
+
+def _examples(cfg: Config, records, splits: list[dict]) -> dict:
+    """The first test image of the first split, clean and under every corruption and severity
+    (middle slice for volumes), as the exact images the models saw; base64 uint8."""
+    from raysynth.study.figures import encode_images, middle_slice
+
+    fold = int(splits[0]["fold"])
+    image = records.subset_ids(splits[0]["test"][:1]).images
+    corrupted = corrupt_test_part(cfg, fold, image)
+    rows = {c: encode_images(np.stack([middle_slice(corrupted[(c, s)][0]) for s in sorted(cfg.robustness.severities)]))
+            for c in cfg.robustness.corruptions}
+    return {"fold": fold, "clean": encode_images(middle_slice(image[0])), "rows": rows}
+
+
+def _external_examples(external, class_names: list[str], per_class: int = 4) -> dict:
+    from raysynth.study.figures import encode_images, middle_slice
+
+    out = {}
+    for c, name in enumerate(class_names):
+        idx = np.flatnonzero(external.labels == c)[:per_class]
+        if len(idx):
+            out[name] = encode_images(np.stack([middle_slice(external.images[i]) for i in idx]))
+    return out
+
+
+def _write_table(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def load_table(layout: Layout, name: str) -> Optional[list[dict]]:
+    """Rows of ``OUT/robustness/<name>.parquet`` or None when the stage has not written it."""
+    path = layout.robustness / f"{name}.parquet"
+    return pq.read_table(path).to_pylist() if path.is_file() else None
