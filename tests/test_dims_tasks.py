@@ -56,3 +56,10 @@ def test_smoke_pipeline(ray_session, tmp_path, dims, task):
     assert rows and all(headline in r and r[headline] is not None for r in rows)
     report = read_json(L.report / "report.json")
     assert headline in report["metrics"]
+    # Robustness in every dims x task: each network on corrupted test parts and the shifted scanner.
+    rb = report["robustness"]
+    assert rb["primary"] == headline and rb["external_source"].startswith("builtin")
+    corrupted = pq.read_table(L.robustness / "corrupted.parquet").to_pylist()
+    assert len(corrupted) == len(rows) * len(rb["corruptions"]) * len(rb["severities"])
+    assert all(r[headline] is not None for r in corrupted)
+    assert (L.report / "severity_curves.png").is_file() and (L.report / "external_vs_internal.png").is_file()

@@ -28,6 +28,7 @@ def smoke_run(ray_session, tmp_path_factory):
 def test_every_stage_wrote_its_artifact(smoke_run):
     L = smoke_run
     for path in [L.data_parquet, L.fingerprint, L.splits, L.quality / "quality.json", L.study / "results.parquet",
+                 L.robustness / "robustness.json", L.robustness / "corrupted.parquet", L.robustness / "external.parquet",
                  L.report / "report.json", L.report / "report.md", L.report / "real_vs_synthetic.png"]:
         assert path.is_file(), path
     folds = read_json(L.splits)["folds"]
