@@ -338,6 +338,8 @@ def search(cfg: Config, layout: Layout, *, settings: Optional[dict] = None, forc
         f"# raysynth tune {digest}: best of {len(rows)} trials by FD on fold {s['fold']}'s validation part\n"
         f"# {best['process']} gamma={best['gamma']} learning_rate={best['learning_rate']:.4g}: "
         f"FD {best['best_fd']:.4g} (real-vs-real {reference_fd:.4g})\n" + tuned.to_yaml())
+    from raysynth.diffusion.tune_figures import plot_trials
+
     plot_trials(rows, reference_fd, out, {"gamma": (s["gamma_min"], s["gamma_max"]), "learning_rate": (s["lr_min"], s["lr_max"])})
     summary = {
         "version": TUNE_VERSION, "digest": digest, "settings": s,
@@ -395,47 +397,5 @@ def _is_complete(out, digest: str) -> bool:
         return False
 
 
-def plot_trials(rows: list[dict[str, Any]], reference_fd: float, out, ranges: Optional[dict] = None) -> None:
-    """``fd_vs_gamma.png`` (log x, colour = learning rate; DDPM trials, which have no gamma, as
-    dashed lines) and ``fd_vs_lr.png`` (log x, one marker per process); x marks trials that did not
-    complete. ``ranges`` maps ``gamma``/``learning_rate`` to the searched interval, the x limits."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-
-    done = [r for r in rows if math.isfinite(r["best_fd"])]
-    lrs = [r["learning_rate"] for r in rows] or [1e-4]
-    norm, cmap = LogNorm(min(lrs), max(lrs) * (1 + 1e-9)), plt.get_cmap("viridis")
-    for name, x_key in (("fd_vs_gamma.png", "gamma"), ("fd_vs_lr.png", "learning_rate")):
-        fig, ax = plt.subplots(figsize=(5.6, 4.0))
-        for proc, marker in (("gamma", "o"), ("ddpm", "s")):
-            for stopped in (False, True):
-                pts = [r for r in done if r["process"] == proc and (r["status"] != "completed") == stopped]
-                if not pts or (x_key == "gamma" and proc == "ddpm"):
-                    continue
-                ax.scatter([r[x_key] for r in pts], [r["best_fd"] for r in pts], c=[r["learning_rate"] for r in pts],
-                           cmap=cmap, norm=norm, marker="x" if stopped else marker, s=40,
-                           label=f"{proc}{' (stopped early)' if stopped else ''}")
-        if x_key == "gamma":
-            for r in (r for r in done if r["process"] == "ddpm"):
-                ax.axhline(r["best_fd"], ls="--", lw=1, color=cmap(norm(r["learning_rate"])))
-            if any(r["process"] == "ddpm" for r in done):
-                ax.plot([], [], ls="--", color="grey", label="ddpm (no gamma)")
-        ax.axhline(reference_fd, ls=":", color="black", lw=1, label="real vs real")
-        ax.set_xscale("log")
-        if ranges and x_key in ranges:
-            lo, hi = ranges[x_key]
-            ax.set_xlim(lo / 1.2, hi * 1.2)  # the searched interval, so a point's place in it shows
-        ax.set_xlabel("gamma (sigma_max = sqrt(2 gamma))" if x_key == "gamma" else "learning rate")
-        ax.set_ylabel("best FD vs validation (lower is better)")
-        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="learning rate")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
-
-
 __all__ = ["search", "resolve_settings", "validation_split", "search_space", "trial_diffusion", "best_config",
-           "eval_label_counts", "sample_quality", "tune_trial", "plot_trials", "DEFAULT_SETTINGS"]
+           "eval_label_counts", "sample_quality", "tune_trial", "DEFAULT_SETTINGS"]
