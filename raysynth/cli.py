@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--dims", type=int, choices=(2, 3), help="2D images or 3D volumes (data.dims)")
         p.add_argument("--task", choices=("classification", "segmentation"), help="downstream task (data.task)")
         if name != "config":
-            p.add_argument("--out", metavar="DIR", help="output root (default: runs/<preset>)")
+            p.add_argument("--out", metavar="DIR|URI",
+                           help="output root: a folder, or a URI such as s3://bucket/run1 (default: runs/<preset>)")
             p.add_argument("--force", action="store_true", help="redo the stage even if its artifact is complete")
             p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
         if name in ("train", "sample"):
@@ -101,7 +102,8 @@ def _run(args: argparse.Namespace, cfg, layout: Layout) -> int:
     t0 = time.time()
     if args.command == "pipeline":
         result = run_pipeline(cfg, layout, force=args.force)
-        print(f"\nraysynth pipeline finished in {time.time() - t0:.0f}s; report: {layout.report / 'report.md'}")
+        print(f"\nraysynth pipeline finished in {time.time() - t0:.0f}s; report: {layout.report / 'report.md'}"
+              + (f" (pushed to {layout.remote})" if layout.remote else ""))
         for line in summary_lines(result["report"]):
             print("  " + line)
         raise_if_failed(result["quality"])
@@ -119,7 +121,7 @@ def _run(args: argparse.Namespace, cfg, layout: Layout) -> int:
         print(f"  best {best['process']}{gamma} lr={best['learning_rate']:.3g}: FD {best['best_fd']:.4g} "
               f"(real-vs-real {result['reference_fd']:.4g})")
         print(f"  next: raysynth train --config {layout.root / 'tune' / 'best.yaml'}")
-    print(f"raysynth {args.command} finished in {time.time() - t0:.0f}s; output in {layout.root}")
+    print(f"raysynth {args.command} finished in {time.time() - t0:.0f}s; output in {layout.location}")
     return 0
 
 

@@ -21,16 +21,30 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
 @dataclass(frozen=True)
 class Layout:
+    """``root``: the local folder every stage reads and writes. ``remote``: the URI it mirrors
+    when the output is on object storage (``--out s3://...``; see raysynth.storage), else None."""
+
     root: Path
+    remote: Optional[str] = None
 
     @classmethod
     def at(cls, out: str | os.PathLike) -> "Layout":
+        """A local folder, or a URI (``s3://``, ``gs://``, ``file://``...): then ``root`` is its staging folder."""
+        from raysynth.storage import is_uri, staging_dir
+
+        if is_uri(out):
+            return cls(staging_dir(str(out)), remote=str(out))
         return cls(Path(out).expanduser().resolve())
+
+    @property
+    def location(self) -> str:
+        """Where the output lives, for messages: the URI, or the local folder."""
+        return self.remote or str(self.root)
 
     # prepare
     @property

@@ -8,12 +8,14 @@ from typing import Any, Optional
 
 from raysynth.config import Config
 from raysynth.layout import Layout
+from raysynth.storage import syncs_output
 
 log = logging.getLogger(__name__)
 
 STAGES = ("prepare", "train", "sample", "quality", "study", "robustness", "report")
 
 
+@syncs_output  # an output URI: pull its staging folder before the stage, push it after
 def run_stage(name: str, cfg: Config, layout: Layout, *, force: bool = False, folds: Optional[list[int]] = None,
               num_samples: Optional[int] = None) -> Any:
     """Run one stage by name; the CLI and the Ray jobs both come through here."""

@@ -45,3 +45,14 @@ def test_gpu_workers_scale_from_zero_and_setup_installs_the_package():
     cfg = load()
     assert cfg["available_node_types"]["gpu_worker"]["min_workers"] == 0
     assert any("pip install" in c and "raysynth" in c for c in cfg["setup_commands"])
+
+
+def test_staging_folder_for_uri_outputs_is_on_the_shared_efs_mount():
+    cfg = load()
+    mounts = [c for c in cfg["initialization_commands"] if "mount -t efs" in c]
+    assert len(mounts) == 1
+    efs = mounts[0].split("||")[0].split()[-1]  # the mount point
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
+    for cmd in starts:
+        staging = [w.split("=", 1)[1] for w in cmd.split() if w.startswith("RAYSYNTH_STAGING=")]
+        assert len(staging) == 1 and staging[0].startswith(efs.rstrip("/") + "/"), cmd
