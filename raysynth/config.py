@@ -187,14 +187,16 @@ class QualityConfig:
     feature_dim: int = 64
     knn: int = 3
     ncc_threshold: float = 0.95
-    reference_quantile: Optional[float] = 0.99
-    """Raise the NCC threshold to this quantile of held-out real scans' nearest-training NCC.
+    reference_quantile: Optional[float] = 0.995
+    """Raise the NCC threshold to this quantile of held-out real scans' nearest-training NCC; the
+    gate then allows ``max_memorised_fraction`` above the held-out scans' own rate over it.
 
     Scans of one subject (the embedded cohort, the paper's data) are all alike: distinct real scans
     reach NCC 0.96-0.98 with each other, so a fixed 0.95 would flag every faithful sample. A
     synthetic sample is a near-copy when it is closer to a training image than genuinely new real
     scans are. None: use ``ncc_threshold`` alone."""
     max_memorised_fraction: float = 0.01
+    """Largest allowed excess of near-copies over held-out real scans' rate (with a reference)."""
     drop_memorised: bool = False
 
 

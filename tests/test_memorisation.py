@@ -96,3 +96,15 @@ def test_gate_catches_a_memorising_generator_and_passes_an_honest_one():
     honest, _ = nearest_ncc(_smooth_images(30, 16, 6), training)
     gate = privacy_gate(honest, threshold=0.95, max_fraction=0.01)
     assert gate["passed"] and gate["count"] == 0 and honest.max() < 0.9
+
+
+def test_gate_allows_the_held_out_real_rate_and_catches_an_excess():
+    # 2% of samples above the threshold: a memoriser when real scans never cross it, a faithful
+    # generator when 1.5% of held-out real scans cross it too (excess 0.5% <= 1%).
+    ncc = np.r_[np.full(98, 0.5), 0.99, 0.99]
+    assert not privacy_gate(ncc, 0.9, 0.01)["passed"]
+    gate = privacy_gate(ncc, 0.9, 0.01, reference_fraction=0.015)
+    assert gate["passed"] and gate["excess"] == pytest.approx(0.005) and gate["reference_fraction"] == 0.015
+    assert not privacy_gate(ncc, 0.9, 0.005, reference_fraction=0.01)["passed"]  # 1% excess > 0.5%
+    with pytest.raises(ValueError, match="reference_fraction"):
+        privacy_gate(ncc, 0.9, 0.01, reference_fraction=1.5)
