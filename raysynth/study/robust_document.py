@@ -143,7 +143,9 @@ def robustness_blocks(report: dict, figures: set[str]) -> list[Block]:
         blocks += [Heading(3, "External test set"),
                    Paragraph(f"Source: {rb['external_source']} ({rb.get('n_external')} records), preprocessed like the "
                              "main data and never seen by a generator or used for model selection. Every network of "
-                             "the study is scored on the whole set; the comparisons are paired by split as above. In "
+                             "the study is scored on the whole set; the comparisons are paired by split as above. The set is "
+                             "the same for every split, so its intervals show the variation of training, not the "
+                             "sampling of the external scans themselves (nor of sites: it is one other site). In "
                              "the scatter, a point below the diagonal loses performance off-site; a condition that "
                              "generalises better sits higher at the same internal score."),
                    _external_table(rb, [k for k in report["metrics"]]),

@@ -93,9 +93,10 @@ def external_scatter_png(internal: dict, external: dict, metric: str, conditions
             ax.errorbar([a["mean"]], [b["mean"]], xerr=np.nan_to_num(xerr), yerr=np.nan_to_num(yerr), capsize=2,
                         marker=markers[j % len(markers)], color=colours[cond], lw=0.8,
                         label=f"{cond}, real {float(p):.0%}")
-            values += [a["mean"], b["mean"]]
+            values += [a["mean"], b["mean"], *(v for v in (a["nb_ci_low"], a["nb_ci_high"], b["nb_ci_low"],
+                                                            b["nb_ci_high"]) if np.isfinite(v))]
     if values:
-        lo, hi = min(values) - 0.05, max(values) + 0.05
+        lo, hi = min(values) - 0.02, max(values) + 0.02
         ax.plot([lo, hi], [lo, hi], color="grey", ls="--", lw=0.8)
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
