@@ -11,8 +11,9 @@ actors on a shared machine never count). Peak memory does not depend on the numb
 few steps are used. Target: peak(10N) / peak(N) <= 1.2 for both processes.
 
 ``--part imports``: time and peak RSS of what a sampler actor imports before its first sample
-(sample.py, train.load_generator, the model), in fresh processes: ``current`` against ``lazy``
-(monai and ``raysynth.data.prepare`` stubbed out: what importing them lazily would give in 2D).
+(sample.py, train.load_generator, the model), in fresh processes: ``current`` (raysynth as it is:
+monai and ``raysynth.data.prepare`` imported lazily, so a 2D sampler never loads them) against
+``eager`` (the same after importing those two first, as the module-level imports before issue 9 did).
 
     .venv/bin/python bench/memory.py --quick             # 64 vs 640 samples, ~2 min
     .venv/bin/python bench/memory.py [--run DIR] [--json F]   # 256 vs 2560 samples
@@ -114,15 +115,11 @@ def child(args) -> None:
 
 
 IMPORTS = r"""
-import json, resource, sys, time, types
+import json, resource, sys, time
 t0 = time.perf_counter()
-if {lazy}:  # what lazy imports in networks.py (monai) and train.py (raysynth.data.prepare) would give
-    import torch
-    unet = types.ModuleType("monai.networks.nets.diffusion_model_unet")
-    unet.DiffusionModelUNet, unet.DiffusionUNetResnetBlock = None, type("Block", (torch.nn.Module,), {{}})
-    prep = types.ModuleType("raysynth.data.prepare")
-    prep.load_prepared = None
-    sys.modules.update({{unet.__name__: unet, prep.__name__: prep}})
+if {eager}:  # what networks.py (monai) and train.py (raysynth.data.prepare) imported at module level before
+    import monai.networks.nets.diffusion_model_unet
+    import raysynth.data.prepare
 from raysynth.diffusion.sample import ShardSampler
 from raysynth.diffusion.train import load_generator
 from raysynth.layout import Layout
@@ -133,9 +130,9 @@ print(json.dumps({{"seconds": time.perf_counter() - t0, "peak_rss_mb": resource.
 """
 
 
-def imports_row(layout, lazy: bool) -> dict:
+def imports_row(layout, eager: bool) -> dict:
     """A fresh process at Ray's worker niceness: the sampler actor's imports + load_generator."""
-    out = subprocess.run([sys.executable, "-c", IMPORTS.format(lazy=lazy, root=str(layout.root))], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", IMPORTS.format(eager=eager, root=str(layout.root))], capture_output=True,
                          text=True, check=True, preexec_fn=lambda: os.nice(WORKER_NICENESS))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -184,7 +181,7 @@ def main(argv=None) -> int:
     log(f"ray startup {report['ray_startup_s']:.1f}s (excluded)")
     if args.part in ("imports", "all"):
         log("imports: fresh processes at nice 15, the sampler's imports + load_generator")
-        res = interleaved({"current": lambda: imports_row(layout, False), "lazy": lambda: imports_row(layout, True)},
+        res = interleaved({"current": lambda: imports_row(layout, False), "eager": lambda: imports_row(layout, True)},
                           args.reps or (2 if args.quick else 3))
         report["imports"] = {"rows": res, **{f"median_{k}": {r: med(v, k) for r, v in res.items()}
                                              for k in ("seconds", "peak_rss_mb")}}

@@ -12,8 +12,15 @@
    Ray (``noray_2procs`` / ``noray_1proc``: fresh processes running the plain loop) shows how far
    the machine itself scales at that moment.
 3. ``--part variants``: candidate optimisations in the plain loop: channels_last, CPU bf16 autocast
-   (and how far bf16 samples move from fp32 ones of the same seeds).
+   (and how far bf16 samples move from fp32 ones of the same seeds). ``--part bf16``: the option
+   as the stage runs it: the Ray row with ``sampling.cpu_bf16=true`` against without, and the
+   plain loop with and without bf16 autocast.
    What an actor imports before its first sample is measured by ``memory.py --part imports``.
+4. ``--part stage``: a sample stage of 4 generators (the default preset's 4 folds; here links to
+   the same trained generator, as ``ddpm/fold_0..3``), the same samples split over them:
+   ``ray_one_pipeline`` (the stage as it is: one Ray Data pipeline, actors load each generator)
+   against ``ray_per_generator`` (one pipeline, and so one actor start, per generator: the stage
+   before issue 9) and ``plain`` (one loop over all of them). 1 actor of 1 CPU in both Ray rows.
 
 Ray's startup is excluded from every row and reported apart. Rows are interleaved (order flips
 every repeat) and ratios are of medians: the machine is shared and noisy. Ray runs its workers at
@@ -51,8 +58,11 @@ from raysynth.pipeline import run_stage
 from raysynth.runtime import ensure_ray
 
 # (samples, steps, repeats) per part: all parts ~11 min on 2 cores at moderate load (each part <= 5 min).
-SIZES = {"quick": {"overhead": (128, 5, 2), "scaling": (128, 5, 1), "variants": (32, 5, 2)},
-         "full": {"overhead": (512, 10, 3), "scaling": (512, 10, 2), "variants": (64, 10, 3)}}
+SIZES = {"quick": {"overhead": (128, 5, 2), "scaling": (128, 5, 1), "variants": (32, 5, 2), "bf16": (64, 5, 1),
+                   "stage": (128, 5, 1)},
+         "full": {"overhead": (512, 10, 3), "scaling": (512, 10, 2), "variants": (64, 10, 3), "bf16": (256, 10, 3),
+                  "stage": (512, 10, 3)}}
+STAGE_GENERATORS = 4
 WORKER_NICENESS = 15  # Ray's default ``worker_niceness`` (its C++ config): Ray workers run at nice 15
 RUN_OVERRIDES = ["cv.folds=2", "diffusion.train_steps=4", "diffusion.checkpoint_every=4", "diffusion.log_every=2",
                  "diffusion.parallel_folds=false", "diffusion.max_train_images=64"]
@@ -82,7 +92,9 @@ def start_ray(cfg) -> float:
 
 def ensure_run(run: Path | None, cfg) -> Layout:
     """A run folder with prepared data and fold 0's trained generator (made here if missing)."""
-    layout = Layout.at(run or Path(tempfile.gettempdir()) / f"raysynth-bench9-{cfg.section_digest('data', 'cv', 'diffusion')}")
+    from raysynth.diffusion.train import digest
+
+    layout = Layout.at(run or Path(tempfile.gettempdir()) / f"raysynth-bench9-{digest(cfg)}")
     if not (layout.ddpm(0) / "config.json").is_file():
         log(f"making a run in {layout.root}: prepare + {cfg.diffusion.train_steps} Ray Train steps of fold 0")
         run_stage("prepare", cfg, layout)
@@ -95,6 +107,16 @@ def scratch_layout(layout: Layout) -> Layout:
     root = Path(tempfile.mkdtemp(prefix="raysynth-bench9-out-"))
     for name in ("prepared", "ddpm"):
         (root / name).symlink_to(layout.root / name)
+    return Layout.at(root)
+
+
+def multi_generator_layout(layout: Layout, generators: int) -> Layout:
+    """An output root whose ``ddpm/fold_0 .. fold_{generators-1}`` all link to ``layout``'s fold 0."""
+    root = Path(tempfile.mkdtemp(prefix="raysynth-bench9-multi-"))
+    (root / "prepared").symlink_to(layout.root / "prepared")
+    (root / "ddpm").mkdir()
+    for k in range(generators):
+        (root / "ddpm" / f"fold_{k}").symlink_to(layout.ddpm(0))
     return Layout.at(root)
 
 
@@ -139,29 +161,39 @@ def base_argparser(doc: str) -> argparse.ArgumentParser:
 
 
 # ---- the rows --------------------------------------------------------------------------------------
-def requests_for(cfg, n: int) -> list[dict]:
+def requests_for(cfg, n: int, generators: int = 1) -> list[dict]:
+    """Shard requests for ``n`` samples split over ``generators`` generators (folds 0, 1, ...) and 2 classes."""
     from raysynth.diffusion.sample import plan_requests
 
-    return plan_requests({0: n // 2, 1: n - n // 2}, {}, cfg.sampling.shard_size)
+    out = []
+    for k in range(generators):
+        m = n // generators + (1 if k < n % generators else 0)
+        out += [{**r, "fold": k, "fraction": 1.0} for r in plan_requests({0: m // 2, 1: m - m // 2}, {}, cfg.sampling.shard_size)]
+    return out
 
 
-def ray_row(cfg, layout: Layout, requests: list[dict], actors: int, cpus: int) -> dict:
-    """The sample stage's Ray Data path; shard files' mtimes tell when each shard was written."""
+def ray_row(cfg, layout: Layout, requests: list[dict], actors: int, cpus: int, per_generator: bool = False,
+            bf16: bool = False) -> dict:
+    """The sample stage's Ray Data path; shard files' mtimes tell when each shard was written.
+    ``per_generator``: one pipeline per generator, one after the other (the stage before issue 9)."""
     from raysynth.diffusion import sample
 
-    for o in (f"sampling.min_actors={actors}", f"sampling.max_actors={actors}", f"sampling.cpus_per_actor={cpus}"):
+    for o in (f"sampling.min_actors={actors}", f"sampling.max_actors={actors}", f"sampling.cpus_per_actor={cpus}",
+              f"sampling.cpu_bf16={str(bf16).lower()}"):
         cfg = apply_override(cfg, o)
     out = scratch_layout(layout)
+    folds = sorted({r["fold"] for r in requests})
     try:
         t0, t0_wall = time.perf_counter(), time.time()
-        sample._run_requests(cfg, out, 0, requests)
+        for group in ([[r for r in requests if r["fold"] == k] for k in folds] if per_generator else [requests]):
+            sample._run_requests(cfg, out, group)
         wall, end_wall = time.perf_counter() - t0, time.time()
-        written = sorted(f.stat().st_mtime for f in out.synthetic(0).glob("part-*.parquet"))
+        written = sorted(f.stat().st_mtime for k in folds for f in out.synthetic(k).glob("part-*.parquet"))
     finally:
         shutil.rmtree(out.root, ignore_errors=True)
     n = sum(r["hi"] - r["lo"] for r in requests)
     row = {"seconds": wall, "samples_per_s": n / wall}
-    if len(written) == len(requests) > actors:
+    if len(written) == len(requests) > actors and len(folds) == 1:
         first = max(r["hi"] - r["lo"] for r in requests)  # shards have equal sizes here
         rate = (n - actors * first) / max(written[-1] - written[actors - 1], 1e-9)
         # first shard written, the rate after it, and how long rows took to reach the driver after the last file
@@ -178,14 +210,16 @@ def plain_row(cfg, layout: Layout, requests: list[dict], channels_last: bool = F
 
     torch.set_num_threads(1)
     s, t0 = cfg.sampling, time.perf_counter()
-    model, process, _ = load_generator(layout, 0)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    shape, n = (1,) + (cfg.data.image_size,) * cfg.data.dims, 0
+    shape, n, fold = (1,) + (cfg.data.image_size,) * cfg.data.dims, 0, None
     for r in requests:
+        if r.get("fold", 0) != fold:  # requests come grouped by generator
+            fold = r.get("fold", 0)
+            model, process, _ = load_generator(layout, fold)
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
         for lo in range(r["lo"], r["hi"], s.batch_size):
             idx = range(lo, min(lo + s.batch_size, r["hi"]))
-            gens = [torch.Generator().manual_seed(sample_seed(s.seed, 0, r["label"], j)) for j in idx]
+            gens = [torch.Generator().manual_seed(sample_seed(s.seed, fold, r["label"], j)) for j in idx]
             labels = torch.full((len(idx),), r["label"], dtype=torch.long)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 n += len(process.sample(model, labels, shape, s.sampler, s.steps, gens))
@@ -244,12 +278,12 @@ def bf16_error(cfg, layout: Layout, n: int = 16) -> dict:
     return {"mean_abs_diff": float(diff.mean()), "max_abs_diff": float(diff.max())}
 
 
-def part(report: dict, key: str, cfg, size: tuple, args, rows, ratios: dict) -> None:
+def part(report: dict, key: str, cfg, size: tuple, args, rows, ratios: dict, generators: int = 1) -> None:
     n, steps, reps = args.samples or size[0], args.steps or size[1], args.reps or size[2]
     c = apply_override(cfg, f"sampling.steps={steps}")
     if key == "scaling":
         c = apply_override(c, f"sampling.shard_size={max(1, n // 8)}")
-    reqs = requests_for(c, n)
+    reqs = requests_for(c, n, generators)
     log(f"{key}: {n} samples, {c.sampling.sampler} {steps} steps, batch {c.sampling.batch_size}, {len(reqs)} shards")
     res = interleaved({name: (lambda f=f: f(c, reqs)) for name, f in rows.items()}, reps)
     speed = {k: statistics.median(r["samples_per_s"] for r in v) for k, v in res.items()}
@@ -263,7 +297,7 @@ def part(report: dict, key: str, cfg, size: tuple, args, rows, ratios: dict) -> 
 
 def main(argv=None) -> int:
     p = base_argparser(__doc__)
-    p.add_argument("--part", choices=["overhead", "scaling", "variants", "all"], default="all")
+    p.add_argument("--part", choices=["overhead", "scaling", "variants", "bf16", "stage", "all"], default="all")
     p.add_argument("--samples", type=int, help="override the samples of the parts run")
     p.add_argument("--steps", type=int, help="override the sampling steps of the parts run")
     args = p.parse_args(argv)
@@ -300,6 +334,27 @@ def main(argv=None) -> int:
              {f"{k}_over_fp32": (k, "fp32") for k in ("channels_last", "bf16_autocast", "channels_last_bf16")})
         report["variants"]["bf16_vs_fp32"] = err = bf16_error(apply_override(cfg, "sampling.steps=10"), lay)
         log(f"  bf16 vs fp32 samples (same seeds, 10 steps): {json.dumps(err)}")
+    if args.part in ("bf16", "all"):
+        part(report, "bf16", cfg, sizes["bf16"], args,
+             {"ray_fp32": lambda c, r: ray_row(c, lay, r, 1, 1), "ray_bf16": lambda c, r: ray_row(c, lay, r, 1, 1, bf16=True),
+              "plain_fp32": lambda c, r: plain_row(c, lay, r), "plain_bf16": lambda c, r: plain_row(c, lay, r, bf16=True)},
+             {"ray_bf16_over_ray_fp32": ("ray_bf16", "ray_fp32"), "plain_bf16_over_plain_fp32": ("plain_bf16", "plain_fp32")})
+    if args.part in ("stage", "all"):
+        multi = multi_generator_layout(lay, STAGE_GENERATORS)
+        try:
+            part(report, "stage", cfg, sizes["stage"], args,
+                 {"ray_one_pipeline": lambda c, r: ray_row(c, multi, r, 1, 1),
+                  "ray_per_generator": lambda c, r: ray_row(c, multi, r, 1, 1, per_generator=True),
+                  "plain": lambda c, r: plain_row(c, multi, r)},
+                 {"one_pipeline_over_plain": ("ray_one_pipeline", "plain"),
+                  "per_generator_over_plain": ("ray_per_generator", "plain"),
+                  "one_pipeline_over_per_generator": ("ray_one_pipeline", "ray_per_generator")},
+                 generators=STAGE_GENERATORS)
+        finally:
+            shutil.rmtree(multi.root, ignore_errors=True)
+        r = report["stage"]["ratios"]["one_pipeline_over_plain"]
+        log(f"target 1 on a {STAGE_GENERATORS}-generator stage (ray/plain >= 0.95): {'MET' if r >= 0.95 else 'MISSED'} "
+            f"({r:.3f} at {report['stage']['samples']} samples, {report['stage']['steps']} steps)")
     report["machine"]["loadavg_1min_end"] = os.getloadavg()[0]
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -8,13 +8,14 @@ Rows (all on the same prepared fold-0 training images, default 32x32 denoiser [3
   checkpoint at the end), into a fresh storage folder.
 * ``ray_2w``: the same with 2 workers of 1 CPU each (DDP over gloo, 1 torch thread each).
 * ``plain``: the same loop in this process (same seeded batches, 1 thread, nice 15 like Ray's
-  workers), no Ray. ``plain_bf16``: the plain loop with CPU bf16 autocast (a candidate change).
+  workers), no Ray. ``plain_bf16``: the plain loop with ``diffusion.cpu_bf16=true`` (CPU bf16 autocast).
 
 Steady-state throughput is the median over report windows of ``log_every`` steps, the first
 window (warm-up) left out: images/s = workers x batch / seconds per step. The end-to-end figure
 divides all images by the wall time of ``fit()`` (worker start, data load, checkpoint included).
 Targets: ray_1w / plain >= 0.95; 2 workers against 1 is reported (no target). Rows interleave, and
-ratios are of medians (the machine is shared). ``--part components`` times the parts of one step
+ratios are of medians (the machine is shared). ``--part bf16``: plain and ray_1w, each with and
+without ``diffusion.cpu_bf16``. ``--part components`` times the parts of one step
 (forward+backward, clipping, AdamW for-loop/fused, EMA for-loop/foreach) in this process.
 
     .venv/bin/python bench/training.py --quick          # ~2 min (+ ~1.5 min once, for the run)
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from raysynth.config import apply_override
 from sampling import base_argparser, bench_config, ensure_run, interleaved, log, machine, start_ray, worker_niceness
 
 SIZES = {"quick": (16, 4, 1), "full": (48, 8, 3)}  # (steps per row, log_every, repeats)
@@ -53,18 +55,6 @@ def _setup(cfg, layout):
     return ids, x0, labels, fit
 
 
-def bf16_step(fit, x0, labels, generator) -> float:
-    """``GeneratorFit.step`` with bf16 autocast on CPU too (the step enables it on CUDA only)."""
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        loss = fit.process.training_loss(fit.trained, x0, labels, generator=generator)
-    fit.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(fit.trained.parameters(), fit.cfg.grad_clip)
-    fit.optimizer.step()
-    fit.ema.step(fit.raw_model.parameters())
-    return float(loss.detach())
-
-
 def summarise(windows: list[float], images_per_step: int, steps: int, wall: float) -> dict:
     spp = statistics.median(windows[1:] or windows)
     return {"seconds_per_step": spp, "images_per_s": images_per_step / spp, "wall_s": wall,
@@ -72,7 +62,7 @@ def summarise(windows: list[float], images_per_step: int, steps: int, wall: floa
 
 
 @worker_niceness()
-def plain_row(cfg, layout, bf16: bool = False) -> dict:
+def plain_row(cfg, layout) -> dict:
     """The worker's loop without Ray: same data, model, seeds and windows (see train_loop_per_worker)."""
     from raysynth.runtime import derive_seed
 
@@ -83,7 +73,7 @@ def plain_row(cfg, layout, bf16: bool = False) -> dict:
     for step in range(d.train_steps):
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, 0, 0, step))
         idx = torch.randint(0, x0.shape[0], (d.batch_size,), generator=g)
-        (bf16_step if bf16 else type(fit).step)(fit, x0[idx], labels[idx], g)
+        fit.step(x0[idx], labels[idx], g)
         if (step + 1) % d.log_every == 0:
             windows.append((time.perf_counter() - t_last) / d.log_every)
             t_last = time.perf_counter()
@@ -148,7 +138,7 @@ def components(cfg, layout, reps: int = 7) -> dict:
 
 def main(argv=None) -> int:
     p = base_argparser(__doc__)
-    p.add_argument("--part", choices=["throughput", "components", "all"], default="all")
+    p.add_argument("--part", choices=["throughput", "bf16", "components", "all"], default="all")
     p.add_argument("--steps", type=int, help="override the steps per row")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -160,9 +150,22 @@ def main(argv=None) -> int:
     layout = ensure_run(args.run, bench_config())
     log(f"ray startup {report['ray_startup_s']:.1f}s (excluded); run {layout.root}; {steps} steps per row, "
         f"batch {cfg.diffusion.batch_size}, windows of {every}")
+    bf16 = apply_override(cfg, "diffusion.cpu_bf16=true")
+    if args.part == "bf16":
+        res = interleaved({"plain": lambda: plain_row(cfg, layout), "plain_bf16": lambda: plain_row(bf16, layout),
+                           "ray_1w": lambda: ray_row(cfg, layout, 1), "ray_1w_bf16": lambda: ray_row(bf16, layout, 1)},
+                          args.reps or reps)
+        speed = {k: statistics.median(r["images_per_s"] for r in v) for k, v in res.items()}
+        ratios = {"plain_bf16_over_plain": speed["plain_bf16"] / speed["plain"],
+                  "ray_1w_bf16_over_ray_1w": speed["ray_1w_bf16"] / speed["ray_1w"]}
+        report["bf16"] = {"steps": steps, "log_every": every, "rows": res, "median_images_per_s": speed, "ratios": ratios}
+        for k in res:
+            log(f"  {k:<11} steady {speed[k]:7.1f} images/s (median)")
+        for k, v in ratios.items():
+            log(f"  ratio {k}: {v:.3f}")
     if args.part in ("throughput", "all"):
         res = interleaved({"plain": lambda: plain_row(cfg, layout), "ray_1w": lambda: ray_row(cfg, layout, 1),
-                           "ray_2w": lambda: ray_row(cfg, layout, 2), "plain_bf16": lambda: plain_row(cfg, layout, True)},
+                           "ray_2w": lambda: ray_row(cfg, layout, 2), "plain_bf16": lambda: plain_row(bf16, layout)},
                           args.reps or reps)
         speed = {k: statistics.median(r["images_per_s"] for r in v) for k, v in res.items()}
         e2e = {k: statistics.median(r["end_to_end_images_per_s"] for r in v) for k, v in res.items()}

@@ -19,6 +19,10 @@ from typing import Any, Literal, Optional
 import yaml
 
 
+OPT_IN_FIELDS = ("diffusion.cpu_bf16", "sampling.cpu_bf16")
+"""Boolean settings added after artifacts existed: they enter a digest only when set."""
+
+
 class ConfigError(ValueError):
     """A config value, key or file is invalid. The message names the dotted key path."""
 
@@ -292,8 +296,17 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def section_digest(self, *sections: str) -> str:
-        """Hash of selected sections: a stage's artifacts are valid while its inputs' hash holds."""
-        blob = json.dumps({s: _to_plain(getattr(self, s)) for s in sections}, sort_keys=True).encode()
+        """Hash of selected sections: a stage's artifacts are valid while its inputs' hash holds.
+
+        Fields of :data:`OPT_IN_FIELDS` count only when set: a run that leaves them off keeps the
+        digest it had before they existed (its artifacts stay up to date), one that sets them
+        gets a new digest."""
+        plain = {s: _to_plain(getattr(self, s)) for s in sections}
+        for dotted in OPT_IN_FIELDS:
+            section, name = dotted.split(".")
+            if isinstance(plain.get(section), dict) and not plain[section].get(name, True):
+                del plain[section][name]
+        blob = json.dumps(plain, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def validate(self) -> "Config":

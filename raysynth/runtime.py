@@ -16,12 +16,35 @@ _QUIET_ENV = {
     "RAY_DEDUP_LOGS": "1",
 }
 
+OPENMP_ENV = {"GOMP_SPINCOUNT": "1000"}
+"""How long torch's OpenMP threads in a locally started Ray's workers spin at a barrier before they sleep.
+
+libgomp (the OpenMP runtime of torch's CPU wheels) spins 300000 times (about 3 ms) by default; on
+a machine shared with other jobs a worker with 2 threads then burns the CPU time its descheduled
+partner needs, and ran several times slower than with 1 thread. 1000 spins (about 10 us) kept most
+of the gain of ``OMP_WAIT_POLICY=PASSIVE`` under load without PASSIVE's cost on an idle machine
+(``bench/omp_wait.py``; figures in BENCHMARKS.md, issue 9). 1-thread workers, the default of every
+stage, run no OpenMP barriers and are unaffected.
+"""
+
+
+def openmp_env() -> dict[str, str]:
+    """:data:`OPENMP_ENV`, unless the environment already chooses a wait policy or spin count."""
+    if {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
+        return {}
+    return dict(OPENMP_ENV)
+
 
 def ensure_ray(cfg: Config) -> None:
     """Join the cluster named by ``ray.address`` or ``RAY_ADDRESS``, else start a local instance.
 
     Under ``ray job submit`` the driver runs on the cluster and ``RAY_ADDRESS`` is set for it,
     so the same code serves a laptop and a cloud cluster.
+
+    A local instance's workers inherit :func:`openmp_env` from this process: libgomp reads it when
+    torch is imported, so it must be in a worker's environment before it starts (``set_threads`` runs
+    too late). A cluster's nodes keep their own environment: a job-wide ``runtime_env`` would carry
+    it there, but it added 0.3 s to every actor start here (0.41 -> 0.71 s), so set it on the nodes.
     """
     import ray
 
@@ -34,6 +57,7 @@ def ensure_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
+        os.environ.update(openmp_env())  # before ray.init: the raylet and its workers inherit it
         ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
     quiet_ray_logs()
     res = ray.cluster_resources()

@@ -4,24 +4,29 @@ Every synthetic sample has a key ``(fold, class c, index j)`` and a seed derived
 sample j of class c is the same whatever the size of the run: growing a set from N to M
 samples generates only the M - N missing ones, and the first N are untouched.
 
-A *request* is one shard: a contiguous range ``[lo, hi)`` of indices of one class. Requests
-are rows of a Ray Dataset; :class:`ShardSampler` actors (model loaded once in ``__init__``)
-turn each into ``part-c{c}-{lo}-{hi}.parquet`` (plus one ``.nii.gz`` per sample in 3D), written
-atomically (temporary file, then rename), and return only metadata, so the driver's memory stays
-flat however many samples are asked for. A rerun after a crash finds the finished shards by
-name and asks only for the rest.
+A *request* is one shard of one generator: a contiguous range ``[lo, hi)`` of indices of one
+class. Requests are rows of a Ray Dataset; :class:`ShardSampler` actors (each generator loaded
+once per actor, on its first request) turn each into ``part-c{c}-{lo}-{hi}.parquet`` (plus one
+``.nii.gz`` per sample in 3D), written atomically (temporary file, then rename), and return only
+metadata, so the driver's memory stays flat however many samples are asked for. A rerun after a
+crash finds the finished shards by name and asks only for the rest.
 
 Every generator is sampled: one per fold, plus one per (fold, real fraction) of a scarcity
 curve, each into its own folder (``layout.synthetic(fold, fraction)``), at the largest ratio the
-study asks for (``study.ratios``); smaller ratios use the first samples of each class.
+study asks for (``study.ratios``); smaller ratios use the first samples of each class. All of
+them go through ONE Ray Data pipeline, so the actors start once per stage rather than once per
+generator (issue 9: an actor's start was the whole of the sampler's overhead); each generator's
+manifest is written once all its shards exist.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -111,33 +116,64 @@ def plan_requests(counts: dict[int, int], existing: dict[int, list[tuple[int, in
 
 
 class ShardSampler:
-    """A Ray Data actor: loads one fold's generator once, then writes whole shards.
+    """A Ray Data actor: loads generators on demand (the last :attr:`CACHE` stay loaded) and writes whole shards.
 
-    ``__call__`` takes a batch of requests (columns ``label``, ``lo``, ``hi``) and returns one
-    metadata row per shard written.
+    ``__call__`` takes a batch of requests (columns ``label``, ``lo``, ``hi``, and ``fold`` and
+    ``fraction`` naming the generator) and returns one metadata row per shard written. Given a
+    ``fold``, the constructor loads that generator at once and makes it current, for calls of
+    :meth:`generate` and :meth:`write_shard` (and request rows) that name none.
     """
 
-    def __init__(self, cfg_dict: dict, root: str, fold: int, cpus: float, fraction: float = 1.0) -> None:
-        import torch
+    CACHE = 3
+    """Generators kept per actor. Requests arrive grouped by generator, so one would do; three leave
+    room for the rows of neighbouring generators that the pool hands out at a boundary."""
 
-        from raysynth.diffusion.train import load_generator
+    def __init__(self, cfg_dict: dict, root: str, fold: Optional[int] = None, cpus: float = 1,
+                 fraction: float = 1.0) -> None:
+        import torch
 
         set_threads(cpus)
         self.cfg = from_dict(cfg_dict)
         self.layout = Layout.at(root)
-        self.fold, self.fraction = fold, fraction
         self.device = "cuda" if torch.cuda.is_available() and self.cfg.sampling.gpus_per_actor > 0 else "cpu"
-        self.model, self.process, self.meta = load_generator(self.layout, fold, device=self.device, fraction=fraction)
-        if self.device == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last if self.cfg.data.dims == 2 else torch.contiguous_format)
-        self.out = self.layout.synthetic(fold, fraction)
+        # bf16 autocast: always on GPU, on CPU when asked (sampling.cpu_bf16; part of the sampling digest).
+        self.bf16 = self.device == "cuda" or self.cfg.sampling.cpu_bf16
+        self._loaded: OrderedDict[tuple[int, float], tuple[Any, Any, dict]] = OrderedDict()
+        self.fold: Optional[int] = None
+        if fold is not None:
+            self.use(fold, fraction)
+
+    def use(self, fold: int, fraction: float = 1.0) -> None:
+        """Make the (fold, fraction) generator current, loading it unless it is among the cached ones."""
+        import torch
+
+        from raysynth.diffusion.train import load_generator
+
+        key = (int(fold), float(fraction))
+        if key not in self._loaded:
+            model, process, meta = load_generator(self.layout, key[0], device=self.device, fraction=key[1])
+            if self.device == "cuda":
+                model = model.to(memory_format=torch.channels_last if self.cfg.data.dims == 2 else torch.contiguous_format)
+            self._loaded[key] = (model, process, meta)
+            while len(self._loaded) > self.CACHE:
+                self._loaded.popitem(last=False)  # the least recently used; never the one just added
+        self._loaded.move_to_end(key)
+        self.fold, self.fraction = key
+        self.model, self.process, self.meta = self._loaded[key]
+        self.out = self.layout.synthetic(*key)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        rows: dict[str, list] = {"shard": [], "label": [], "count": [], "seconds": []}
-        for label, lo, hi in zip(batch["label"], batch["lo"], batch["hi"]):
+        rows: dict[str, list] = {"shard": [], "fold": [], "fraction": [], "label": [], "count": [], "seconds": []}
+        for i, (label, lo, hi) in enumerate(zip(batch["label"], batch["lo"], batch["hi"])):
             t0 = time.time()
+            if "fold" in batch:
+                self.use(int(batch["fold"][i]), float(batch["fraction"][i]) if "fraction" in batch else 1.0)
+            elif self.fold is None:
+                raise ValueError("ShardSampler: a request without a 'fold' column needs a fold given to the constructor")
             name = self.write_shard(int(label), int(lo), int(hi))
             rows["shard"].append(name)
+            rows["fold"].append(self.fold)
+            rows["fraction"].append(self.fraction)
             rows["label"].append(int(label))
             rows["count"].append(int(hi - lo))
             rows["seconds"].append(time.time() - t0)
@@ -158,7 +194,7 @@ class ShardSampler:
             chunk = indices[start:start + s.batch_size]
             gens = [torch.Generator(device=self.device).manual_seed(sample_seed(s.seed, self.fold, label, j)) for j in chunk]
             labels = torch.full((len(chunk),), label, dtype=torch.long, device=self.device)
-            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.device == "cuda"):
+            with torch.autocast(device_type=self.device, dtype=torch.bfloat16, enabled=self.bf16):
                 x = self.process.sample(self.model, labels, shape, s.sampler, s.steps, gens)
             img, msk = decode_joint(x.float().cpu(), n_mask)
             images.append(img.numpy())
@@ -167,7 +203,6 @@ class ShardSampler:
         return np.concatenate(images), (np.concatenate(masks) if masks else None)
 
     def write_shard(self, label: int, lo: int, hi: int) -> str:
-        from raysynth.data.nifti import write_volume
         from raysynth.data.schema import SYNTHETIC_SCHEMA, ImageSet, checksum, write_parquet
 
         indices = list(range(lo, hi))
@@ -176,6 +211,8 @@ class ShardSampler:
         spacing = tuple(self.meta.get("spacing") or (1.0,) * self.cfg.data.dims)
         paths: list[Optional[str]] = [None] * len(ids)
         if self.cfg.data.dims == 3 and self.cfg.sampling.write_nifti:
+            from raysynth.data.nifti import write_volume  # nibabel: only 3D output needs it
+
             for i, sid in enumerate(ids):
                 write_volume(self.out / "nifti" / f"{sid}.nii.gz", images[i], spacing)
                 paths[i] = f"nifti/{sid}.nii.gz"
@@ -217,7 +254,9 @@ def sample_synthetic(
     wanted = [f["fold"] for f in splits] if folds is None else folds
     labels_by_id = dict(zip(records.ids, records.labels.tolist()))
     subsets = scarcity_subsets(cfg, layout, splits, labels_by_id, dict(zip(records.ids, records.subjects)))
-    manifests = []
+    manifests: list[Optional[dict[str, Any]]] = []
+    pending: list[tuple[int, int, float, dict, dict[int, int]]] = []  # (slot in manifests, fold, fraction, meta, counts)
+    requests: list[dict] = []
     for k in wanted:
         for p in generator_fractions(cfg):
             name = f"{k}{fraction_tag(p)}"
@@ -241,48 +280,76 @@ def sample_synthetic(
             for rid in subsets[k][p]:
                 real_counts[labels_by_id[rid]] += 1
             counts = class_counts(cfg, real_counts, num_samples, ratio=largest_ratio(cfg))
-            requests = plan_requests(counts, existing_shards(out), cfg.sampling.shard_size)
+            todo = plan_requests(counts, existing_shards(out), cfg.sampling.shard_size)
             named_counts = {fingerprint["class_names"][c]: n for c, n in counts.items()}
-            if not requests and old is not None and not stale and not force and old.get("counts") == named_counts:
+            if not todo and old is not None and not stale and not force and old.get("counts") == named_counts:
                 log.info("sample: fold %s is up to date (%d samples)", name, sum(counts.values()))
                 manifests.append(old)
                 continue
-            if requests:
-                _run_requests(cfg, layout, k, requests, p)
-            manifests.append(_write_manifest(cfg, layout, k, meta, counts, fingerprint, p))
-    return manifests
+            requests += [{**r, "fold": k, "fraction": p} for r in todo]
+            pending.append((len(manifests), k, p, meta, counts))
+            manifests.append(None)
+    if requests:
+        _run_requests(cfg, layout, requests)
+    # Only once every shard exists: a manifest lists a complete set, and a crash before this leaves
+    # none to mislead a rerun, which plans from the shard files alone.
+    for slot, k, p, meta, counts in pending:
+        manifests[slot] = _write_manifest(cfg, layout, k, meta, counts, fingerprint, p)
+    return manifests  # type: ignore[return-value]  # every slot is filled
+
+
+SAMPLER_REVISIONS = {"dpmsolver++": "unthresholded"}
+"""Samplers whose numerics changed after sets were made with them (DPM-Solver++ lost its x0
+thresholding): part of the sampling digest, so a set is never grown with mixed numerics."""
 
 
 def _sampling_digest(cfg: Config) -> str:
     # Size fields are excluded on purpose: changing the count grows or shrinks the set in place.
+    # cpu_bf16 changes the samples, so it counts (only when set: see train.section_digest).
+    from raysynth.diffusion.train import section_digest
+
     s = cfg.sampling
-    return Config(sampling=type(s)(sampler=s.sampler, steps=s.steps, seed=s.seed)).section_digest("sampling")
+    kept = type(s)(sampler=s.sampler, steps=s.steps, seed=s.seed, cpu_bf16=s.cpu_bf16)
+    digest = section_digest(Config(sampling=kept), "sampling")
+    if s.sampler in SAMPLER_REVISIONS:  # the sampler's numerics changed: older sets are regenerated
+        digest = hashlib.sha256(f"{digest}:{SAMPLER_REVISIONS[s.sampler]}".encode()).hexdigest()[:16]
+    return digest
 
 
-def _run_requests(cfg: Config, layout: Layout, fold: int, requests: list[dict], fraction: float = 1.0) -> None:
+def _run_requests(cfg: Config, layout: Layout, requests: list[dict]) -> None:
+    """Write the shards of ``requests`` (rows: ``fold``, ``fraction``, ``label``, ``lo``, ``hi``;
+    grouped by generator) with one Ray Data pipeline for all their generators."""
     import ray
 
     ensure_ray(cfg)
     s = cfg.sampling
-    total = sum(r["hi"] - r["lo"] for r in requests)
-    name = f"{fold}{fraction_tag(fraction)}"
-    layout.synthetic(fold, fraction).mkdir(parents=True, exist_ok=True)
-    log.info("sample: fold %s: %d samples in %d shards (%s, %d steps), %d-%d actors",
-             name, total, len(requests), s.sampler, s.steps, s.min_actors, s.max_actors)
+    totals: dict[str, int] = {}
+    for r in requests:
+        name = f"{r['fold']}{fraction_tag(r['fraction'])}"
+        totals[name] = totals.get(name, 0) + r["hi"] - r["lo"]
+        layout.synthetic(r["fold"], r["fraction"]).mkdir(parents=True, exist_ok=True)
+    for name, n in totals.items():
+        log.info("sample: fold %s: %d samples to write", name, n)
+    total = sum(totals.values())
+    log.info("sample: %d samples in %d shards from %d generator(s) (%s, %d steps%s), %d-%d actors",
+             total, len(requests), len(totals), s.sampler, s.steps, ", CPU bf16" if s.cpu_bf16 else "",
+             s.min_actors, s.max_actors)
     ds = ray.data.from_items(requests, override_num_blocks=len(requests)).map_batches(
         ShardSampler,
-        fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "root": str(layout.root), "fold": fold,
-                               "cpus": s.cpus_per_actor, "fraction": fraction},
+        fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "root": str(layout.root), "cpus": s.cpus_per_actor},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(min_size=s.min_actors, max_size=s.max_actors),
         num_cpus=s.cpus_per_actor,
         num_gpus=s.gpus_per_actor,
     )
-    done, t0 = 0, time.time()
+    done = dict.fromkeys(totals, 0)
+    t0 = time.time()
     for row in ds.iter_rows():
-        done += int(row["count"])
-        rate = done / max(time.time() - t0, 1e-9)
-        log.info("sample: fold %s: %d/%d samples (%.1f/s), wrote %s", name, done, total, rate, row["shard"])
+        name = f"{int(row['fold'])}{fraction_tag(float(row['fraction']))}"
+        done[name] += int(row["count"])
+        rate = sum(done.values()) / max(time.time() - t0, 1e-9)
+        log.info("sample: fold %s: %d/%d samples (all generators: %d/%d, %.1f/s), wrote %s",
+                 name, done[name], totals[name], sum(done.values()), total, rate, row["shard"])
 
 
 def _write_manifest(cfg: Config, layout: Layout, fold: int, meta: dict, counts: dict[int, int], fingerprint: dict,
@@ -311,6 +378,7 @@ def _write_manifest(cfg: Config, layout: Layout, fold: int, meta: dict, counts: 
         "sampler": cfg.sampling.sampler,
         "steps": cfg.sampling.steps,
         "base_seed": cfg.sampling.seed,
+        "cpu_bf16": cfg.sampling.cpu_bf16,
         "counts": {fingerprint["class_names"][c]: n for c, n in counts.items()},
         "num_samples": len(samples),
         "shards": sorted({s["shard"] for s in samples}),

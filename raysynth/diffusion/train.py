@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 from raysynth.config import Config, from_dict
-from raysynth.data.prepare import load_prepared
 from raysynth.errors import StageError
 from raysynth.layout import Layout, fraction_tag, read_json, write_json
 from raysynth.runtime import derive_seed, ensure_ray, set_threads
@@ -37,9 +36,14 @@ CHECKPOINT_DIR = "checkpoint"
 """Inside ``OUT/ddpm/fold_k``: the EMA denoiser (``Denoiser.save_pretrained``) used for sampling."""
 
 
+def section_digest(cfg: Config, *sections: str) -> str:
+    """``cfg.section_digest``: opt-in fields count only when set (``config.OPT_IN_FIELDS``)."""
+    return cfg.section_digest(*sections)
+
+
 def digest(cfg: Config, fraction: float = 1.0) -> str:
     """A generator is stale when the data, the splits, the diffusion config or its subset change."""
-    base = cfg.section_digest("data", "cv", "diffusion")
+    base = section_digest(cfg, "data", "cv", "diffusion")
     return base if fraction == 1.0 else f"{base}{fraction_tag(fraction)}"
 
 
@@ -76,6 +80,9 @@ def train_generators(
 ) -> list[dict[str, Any]]:
     """Train (or resume, or skip) the generator of every requested fold and real fraction
     (``design.generator_fractions``). Returns their metadata."""
+    # Imported here, not at module level: a sampler actor imports this module for load_generator
+    # and would otherwise pay for the preprocessing stack (sklearn, nibabel, ...).
+    from raysynth.data.prepare import load_prepared
     from raysynth.study.design import generator_fractions, scarcity_subsets
 
     records, fingerprint, splits = load_prepared(layout)

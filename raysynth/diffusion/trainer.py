@@ -47,14 +47,17 @@ class GeneratorFit:
         self.ema.to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.trained = self.model  # what the step calls: the model itself, or its DDP wrapper
+        # bf16 autocast: always on GPU; on CPU only when asked (diffusion.cpu_bf16), since it pays
+        # only where the CPU has bf16 instructions (AVX512-BF16, AMX) and moves the weights.
+        self.bf16 = self.device.type == "cuda" or (self.device.type == "cpu" and cfg.cpu_bf16)
 
     @property
     def raw_model(self):
         return self.trained.module if hasattr(self.trained, "module") else self.trained
 
     def step(self, x0: torch.Tensor, labels: torch.Tensor, generator: Optional[torch.Generator] = None) -> float:
-        """One optimiser step on a batch ``x0 (B, C, *S)``; returns the loss. bf16 autocast on GPU."""
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        """One optimiser step on a batch ``x0 (B, C, *S)``; returns the loss. bf16 autocast per ``self.bf16``."""
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss = self.process.training_loss(self.trained, x0, labels, generator=generator)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
