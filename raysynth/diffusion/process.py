@@ -164,14 +164,10 @@ class DDPMProcess(DiffusionProcess):
             return DDPMScheduler.from_config(config)
         if sampler == "ddim":
             return DDIMScheduler.from_config(config)  # eta = 0 is step()'s default: deterministic
-        # dpmsolver++ without thresholding. DDIM's clip_sample clips x0 but keeps the network's
-        # epsilon; DPM-Solver++ steps on x0 alone, so a clipped x0 also replaces the implied
-        # epsilon, shifting x by sigma_s * alpha_t / sigma_t * (x0 - clip(x0)). At t = T - 1
-        # (trailing spacing, alpha_t ~ 0.006) x0 is far outside [-1, 1] and that shift moved whole
-        # samples' brightness. Unclipped, order 1 equals unclipped DDIM to 1e-5 (tests/test_process.py);
-        # the final sample is clamped to [-1, 1] in ``sample``.
+        # dpmsolver++: clip-like dynamic thresholding with max 1 keeps x0 predictions in [-1, 1],
+        # as clip_sample does for DDPM/DDIM (Lu et al. 2022, DPM-Solver++, Sec. 4).
         return DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", solver_order=2, thresholding=False
+            config, algorithm_type="dpmsolver++", solver_order=2, thresholding=True, sample_max_value=1.0
         )
 
     def network_timestep(self, scheduler, timestep):
