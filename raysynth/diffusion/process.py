@@ -165,7 +165,10 @@ class DDPMProcess(DiffusionProcess):
         if sampler == "ddim":
             return DDIMScheduler.from_config(config)  # eta = 0 is step()'s default: deterministic
         # dpmsolver++: clip-like dynamic thresholding with max 1 keeps x0 predictions in [-1, 1],
-        # as clip_sample does for DDPM/DDIM (Lu et al. 2022, DPM-Solver++, Sec. 4).
+        # as clip_sample does for DDPM/DDIM (Lu et al. 2022, DPM-Solver++, Sec. 4). The two differ:
+        # DDIM clips x0 and keeps the network's epsilon, DPM-Solver++ steps on the clipped x0
+        # alone. Our small generators need the clip (unclipped DDIM and unthresholded DPM-Solver++
+        # both saturate to +-1), and only DDIM's form of it keeps sample brightness (BENCHMARKS.md).
         return DPMSolverMultistepScheduler.from_config(
             config, algorithm_type="dpmsolver++", solver_order=2, thresholding=True, sample_max_value=1.0
         )

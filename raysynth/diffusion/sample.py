@@ -21,7 +21,6 @@ manifest is written once all its shards exist.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import re
@@ -298,11 +297,6 @@ def sample_synthetic(
     return manifests  # type: ignore[return-value]  # every slot is filled
 
 
-SAMPLER_REVISIONS = {"dpmsolver++": "unthresholded"}
-"""Samplers whose numerics changed after sets were made with them (DPM-Solver++ lost its x0
-thresholding): part of the sampling digest, so a set is never grown with mixed numerics."""
-
-
 def _sampling_digest(cfg: Config) -> str:
     # Size fields are excluded on purpose: changing the count grows or shrinks the set in place.
     # cpu_bf16 changes the samples, so it counts (only when set: see train.section_digest).
@@ -310,10 +304,7 @@ def _sampling_digest(cfg: Config) -> str:
 
     s = cfg.sampling
     kept = type(s)(sampler=s.sampler, steps=s.steps, seed=s.seed, cpu_bf16=s.cpu_bf16)
-    digest = section_digest(Config(sampling=kept), "sampling")
-    if s.sampler in SAMPLER_REVISIONS:  # the sampler's numerics changed: older sets are regenerated
-        digest = hashlib.sha256(f"{digest}:{SAMPLER_REVISIONS[s.sampler]}".encode()).hexdigest()[:16]
-    return digest
+    return section_digest(Config(sampling=kept), "sampling")
 
 
 def _run_requests(cfg: Config, layout: Layout, requests: list[dict]) -> None:
