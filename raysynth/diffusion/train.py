@@ -234,6 +234,17 @@ def _mask_classes(cfg: Config, fingerprint: dict) -> int:
     return int(fingerprint.get("num_mask_classes") or 0) if cfg.data.task == "segmentation" else 0
 
 
+def _quiet_report_log() -> None:
+    """Ray Train 2.60 logs every ``ray.train.report`` at INFO under a logger named by its file path
+    (``logging.getLogger(__file__)`` in its execution context), out of reach of ``ray.train``'s
+    level. Our worker prints its own progress line; silence that one logger if it is where 2.60 has it."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a later Ray moved it: its lines come back, nothing breaks
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker. Shapes: x0 ``(N, C, *S)`` in [-1, 1]; labels ``(N,)``."""
     import ray.train
@@ -247,6 +258,7 @@ def train_loop_per_worker(config: dict) -> None:
     d = cfg.diffusion
     set_threads(d.cpus_per_worker)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one line per report is ours to print
+    _quiet_report_log()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
