@@ -301,14 +301,19 @@ folder_names = st.text(string.ascii_letters + string.digits + " #:!&*?,[]{}'\"%@
 @FEW
 @example("/scans/study #2")
 @example("null")
+@example("-0")
 @given(folder_names)
 def test_cli_data_path_is_taken_literally(name):
     from raysynth.cli import build_parser, resolve_config
 
     path = f"/data/{name}" if name[0] not in "/~" else name
     for given_path in (path, name):
-        args = build_parser().parse_args(["prepare", "--preset", "smoke", "--data", given_path])
-        assert resolve_config(args).data.source == given_path
+        # A path that starts with "-" reads as an option to argparse (as to any CLI): it is given
+        # as --data=PATH; every path works in that form.
+        forms = [[f"--data={given_path}"]] + ([] if given_path.startswith("-") else [["--data", given_path]])
+        for form in forms:
+            args = build_parser().parse_args(["prepare", "--preset", "smoke", *form])
+            assert resolve_config(args).data.source == given_path
 
 
 # ---- picture loader ----------------------------------------------------------------------------
