@@ -25,7 +25,7 @@ from raysynth.data.preprocess import preprocess
 from raysynth.data.schema import ImageSet, read_parquet, write_parquet
 from raysynth.data.sources import RawSet, load_source
 from raysynth.data.splits import make_splits
-from raysynth.errors import InputError, StageError
+from raysynth.errors import StageError
 from raysynth.layout import Layout, read_json, write_json
 
 logger = logging.getLogger(__name__)

@@ -299,12 +299,10 @@ def sample_synthetic(
 
 def _sampling_digest(cfg: Config) -> str:
     # Size fields are excluded on purpose: changing the count grows or shrinks the set in place.
-    # cpu_bf16 changes the samples, so it counts (only when set: see train.section_digest).
-    from raysynth.diffusion.train import section_digest
-
+    # cpu_bf16 changes the samples, so it counts (only when set: see Config.section_digest).
     s = cfg.sampling
     kept = type(s)(sampler=s.sampler, steps=s.steps, seed=s.seed, cpu_bf16=s.cpu_bf16)
-    return section_digest(Config(sampling=kept), "sampling")
+    return Config(sampling=kept).section_digest("sampling")
 
 
 def _run_requests(cfg: Config, layout: Layout, requests: list[dict]) -> None:

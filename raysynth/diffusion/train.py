@@ -36,14 +36,9 @@ CHECKPOINT_DIR = "checkpoint"
 """Inside ``OUT/ddpm/fold_k``: the EMA denoiser (``Denoiser.save_pretrained``) used for sampling."""
 
 
-def section_digest(cfg: Config, *sections: str) -> str:
-    """``cfg.section_digest``: opt-in fields count only when set (``config.OPT_IN_FIELDS``)."""
-    return cfg.section_digest(*sections)
-
-
 def digest(cfg: Config, fraction: float = 1.0) -> str:
     """A generator is stale when the data, the splits, the diffusion config or its subset change."""
-    base = section_digest(cfg, "data", "cv", "diffusion")
+    base = cfg.section_digest("data", "cv", "diffusion")  # opt-in fields count only when set
     return base if fraction == 1.0 else f"{base}{fraction_tag(fraction)}"
 
 

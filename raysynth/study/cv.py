@@ -212,18 +212,14 @@ TRIAL_FIELDS = ("arm", "ratio", "fraction", "fold", "seed")
 def gather_results(cfg: Config, layout: Layout, fingerprint: dict) -> Path:
     """One row per trial in ``results.parquet``; one row per test record and trial in
     ``predictions.parquet`` (classification: true label and class probabilities)."""
-    from raysynth.data.prepare import load_prepared
-
-    trials = [read_json(p) for p in sorted((layout.study / "trials").glob("*.json"))]
-    digest = study_digest(cfg)
-    trials = [t for t in trials if t.get("digest") == digest]
+    trials = finished_trials(cfg, layout)
     if not trials:
         raise StageError("study: no finished trials to gather")
-    repeat_of = {int(s["fold"]): int(s.get("repeat", 0)) for s in load_prepared(layout)[2]}
+    digest = study_digest(cfg)
     rows, preds = [], []
     for t in trials:
-        key = {"condition": t["condition"], "arm": t["arm"], "ratio": t["ratio"], "real_fraction": float(t["fraction"]),
-               "fold": t["fold"], "repeat": repeat_of.get(int(t["fold"]), 0), "seed": t["seed"]}
+        key = {"condition": t["condition"], "arm": t["arm"], "ratio": t["ratio"], "real_fraction": t["real_fraction"],
+               "fold": t["fold"], "repeat": t["repeat"], "seed": t["seed"]}
         scalar = {k: float(v) for k, v in t["metrics"].items() if isinstance(v, (int, float))}
         rows.append({**key, "n_real": t["n_real"], "n_synthetic": t["n_synthetic"], "n_test": t["n_test"],
                      "seconds": t["seconds"], **scalar, "metrics_json": json.dumps(t["metrics"])})
@@ -232,9 +228,9 @@ def gather_results(cfg: Config, layout: Layout, fingerprint: dict) -> Path:
                 preds.append({**key, "id": rid, "y_true": int(y), "y_prob": [float(v) for v in p]})
     rows.sort(key=lambda r: (-r["real_fraction"], r["fold"], r["seed"], r["condition"]))
     layout.study.mkdir(parents=True, exist_ok=True)
-    _write_table(pa.Table.from_pylist(rows), layout.study / "results.parquet")
+    write_table(pa.Table.from_pylist(rows), layout.study / "results.parquet")
     if preds:
-        _write_table(pa.Table.from_pylist(preds), layout.study / "predictions.parquet")
+        write_table(pa.Table.from_pylist(preds), layout.study / "predictions.parquet")
     write_json(layout.study / "study.json", {
         "digest": digest, "num_trials": len(rows), "arms": cfg.study.arms,
         "conditions": [c.name for c in conditions(cfg)], "real_fractions": cfg.study.real_fractions,
@@ -243,7 +239,24 @@ def gather_results(cfg: Config, layout: Layout, fingerprint: dict) -> Path:
     return layout.study / "results.parquet"
 
 
-def _write_table(table: pa.Table, path: Path) -> None:
+def finished_trials(cfg: Config, layout: Layout) -> list[dict]:
+    """The trial files of this config's study (its digest), each with ``real_fraction`` and the
+    split's CV ``repeat`` added: the rows both ``results.parquet`` and the robustness stage key on."""
+    from raysynth.data.prepare import load_prepared
+
+    folder = layout.study / "trials"
+    digest = study_digest(cfg)
+    trials = [read_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    trials = [t for t in trials if t.get("digest") == digest]
+    if not trials:
+        return []
+    repeat_of = {int(s["fold"]): int(s.get("repeat", 0)) for s in load_prepared(layout)[2]}
+    return [{**t, "real_fraction": float(t["fraction"]), "repeat": repeat_of.get(int(t["fold"]), 0)} for t in trials]
+
+
+def write_table(table: pa.Table, path: Path) -> None:
+    """Write a Parquet table atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
     tmp.replace(path)

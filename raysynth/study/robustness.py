@@ -121,15 +121,10 @@ def evaluate_split(cfg_dict: dict, root: str, fold: int, trials: list[dict], ext
 
 
 def study_trials(cfg: Config, layout: Layout) -> list[dict]:
-    """The study's finished trials (this config's digest), each with its model path and the
-    row keys of ``results.parquet``."""
-    from raysynth.data.prepare import load_prepared
-    from raysynth.study.cv import study_digest
+    """The study's finished trials (``cv.finished_trials``), each with a saved network."""
+    from raysynth.study.cv import finished_trials
 
-    digest = study_digest(cfg)
-    folder = layout.study / "trials"
-    trials = [read_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
-    trials = [t for t in trials if t.get("digest") == digest]
+    trials = finished_trials(cfg, layout)
     if not trials:
         raise StageError("robustness: no finished study trials for this config; run `raysynth study` first")
     no_model = [t for t in trials if not t.get("model") or not (layout.root / t["model"]).is_file()]
@@ -137,8 +132,7 @@ def study_trials(cfg: Config, layout: Layout) -> list[dict]:
         raise StageError(f"robustness: {len(no_model)} study trial(s) have no saved network (e.g. fold "
                          f"{no_model[0]['fold']}, {no_model[0]['condition']}), written by an older raysynth or "
                          "deleted; rerun `raysynth study --force`")
-    repeat_of = {int(s["fold"]): int(s.get("repeat", 0)) for s in load_prepared(layout)[2]}
-    return [{**t, "real_fraction": float(t["fraction"]), "repeat": repeat_of.get(int(t["fold"]), 0)} for t in trials]
+    return trials
 
 
 def run_robustness(cfg: Config, layout: Layout, force: bool = False) -> Path:
@@ -194,6 +188,7 @@ def gather(cfg: Config, layout: Layout, fingerprint: dict, digest: str, external
     """Concatenate the per-split files into the stage's Parquet tables and robustness.json."""
     from raysynth.data.external import external_source
     from raysynth.data.prepare import load_prepared
+    from raysynth.study.cv import write_table
 
     parts = [read_json(p) for p in sorted((layout.robustness / "splits").glob("*.json"))]
     parts = [p for p in parts if p.get("digest") == digest]
@@ -203,7 +198,7 @@ def gather(cfg: Config, layout: Layout, fingerprint: dict, digest: str, external
     for name, rows in tables.items():
         path = layout.robustness / f"{name}.parquet"
         if rows:
-            _write_table(pa.Table.from_pylist(rows), path)
+            write_table(pa.Table.from_pylist(rows), path)
         else:
             path.unlink(missing_ok=True)
     records, _, splits = load_prepared(layout)
@@ -249,13 +244,6 @@ def _external_examples(external, class_names: list[str], per_class: int = 4) -> 
         if len(idx):
             out[name] = encode_images(np.stack([middle_slice(external.images[i]) for i in idx]))
     return out
-
-
-def _write_table(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
 
 
 def load_table(layout: Layout, name: str) -> Optional[list[dict]]:
