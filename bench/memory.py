@@ -12,7 +12,7 @@ few steps are used. Target: peak(10N) / peak(N) <= 1.2 for both processes.
 
 ``--part imports``: time and peak RSS of what a sampler actor imports before its first sample
 (sample.py, train.load_generator, the model), in fresh processes: ``current`` (raysynth as it is:
-monai and ``raysynth.data.prepare`` imported lazily, so a 2D sampler never loads them) against
+monai and ``raysynth.stages.prepare`` imported lazily, so a 2D sampler never loads them) against
 ``eager`` (the same after importing those two first, as the module-level imports before issue 9 did).
 
     .venv/bin/python bench/memory.py --quick             # 64 vs 640 samples, ~2 min
@@ -88,7 +88,7 @@ class ActorWatcher(threading.Thread):
 
 def child(args) -> None:
     """One driver: join Ray, run the sample stage for N samples, print peaks as JSON."""
-    from raysynth.layout import Layout
+    from raysynth.artifacts import Layout
     from raysynth.pipeline import run_stage
 
     cfg = bench_config(f"sampling.steps={args.steps}", "sampling.max_actors=1", f"ray.address={args.address}")
@@ -117,12 +117,12 @@ def child(args) -> None:
 IMPORTS = r"""
 import json, resource, sys, time
 t0 = time.perf_counter()
-if {eager}:  # what networks.py (monai) and train.py (raysynth.data.prepare) imported at module level before
+if {eager}:  # what networks.py (monai) and train.py (raysynth.stages.prepare) imported at module level before
     import monai.networks.nets.diffusion_model_unet
-    import raysynth.data.prepare
-from raysynth.diffusion.sample import ShardSampler
-from raysynth.diffusion.train import load_generator
-from raysynth.layout import Layout
+    import raysynth.stages.prepare
+from raysynth.diffusion.checkpoint import load_generator
+from raysynth.diffusion.sampler import ShardSampler
+from raysynth.artifacts import Layout
 load_generator(Layout.at({root!r}), 0)
 heavy = [m for m in ("monai", "sklearn", "scipy", "matplotlib", "nibabel", "pandas") if m in sys.modules]
 print(json.dumps({{"seconds": time.perf_counter() - t0, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -18,7 +18,7 @@ import tempfile
 import time
 
 from raysynth.config import load_config
-from raysynth.layout import Layout
+from raysynth.artifacts import Layout
 from raysynth.pipeline import STAGES, run_stage
 
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from raysynth.config import load_config
-from raysynth.layout import Layout, read_json
+from raysynth.artifacts import Layout, read_json
 from raysynth.pipeline import STAGES, run_stage
 
 HEADING = "## Real-data study: brain-tumor-mri-4class"

@@ -37,10 +37,12 @@ import numpy as np
 import torch
 
 from raysynth.config import load_config
-from raysynth.data.prepare import load_prepared, prepare
+from raysynth.artifacts import read_prepared as load_prepared
+from raysynth.stages.prepare import prepare
 from raysynth.diffusion.trainer import GeneratorFit, training_tensors
-from raysynth.diffusion.tune import COVARIANCE, eval_label_counts, sample_quality
-from raysynth.layout import Layout, read_json
+from raysynth.design import largest_remainder as eval_label_counts
+from raysynth.diffusion.tune_trial import COVARIANCE, sample_quality
+from raysynth.artifacts import Layout, read_json
 from raysynth.quality.features import train_encoder
 from raysynth.quality.metrics import frechet_distance
 from raysynth.runtime import derive_seed
@@ -71,9 +73,8 @@ class CountingModel(torch.nn.Module):
 
 def train_generator(cfg, process: str, x0: torch.Tensor, labels: torch.Tensor, steps: int, num_classes: int):
     """A briefly trained generator (the ``raysynth train`` step, seeded batches); returns model, process."""
-    import dataclasses
 
-    diffusion = dataclasses.replace(cfg.diffusion, process=process)
+    diffusion = cfg.diffusion.replace(process=process)
     torch.manual_seed(derive_seed(cfg.seed, 1))
     fit = GeneratorFit(diffusion, dims=cfg.data.dims, in_channels=x0.shape[1], image_size=cfg.data.image_size,
                        num_classes=num_classes)
@@ -113,12 +114,12 @@ def main(argv=None) -> int:
 
     # 1. Data: the fold's real training part (generator, encoder) and held-out part (the FD target).
     if args.run is not None:
-        from raysynth.diffusion.train import load_generator
+        from raysynth.diffusion.checkpoint import load_generator
 
         layout = Layout.at(args.run)
         model, process, meta = load_generator(layout, args.fold)
         cfg = load_config("default", overrides=[f"data.image_size={meta['image_size']}", f"data.dims={meta['dims']}"])
-        records, fingerprint, splits = load_prepared(layout)
+        records, fingerprint, splits = load_prepared(layout, cfg)
         train_ids = read_json(layout.ddpm(args.fold) / "train_ids.json")["train_ids"]
         generators = {meta["process"]: (model, process)}
         n_mask = int(meta["num_mask_classes"])
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
         layout = Layout.at(scratch.name)
         log(f"preparing the embedded cohort at 32x32 in {layout.root}")
         prepare(cfg, layout)
-        records, fingerprint, splits = load_prepared(layout)
+        records, fingerprint, splits = load_prepared(layout, cfg)
         train_ids, n_mask = next(f for f in splits if f["fold"] == args.fold)["train"], 0
     fold = next(f for f in splits if f["fold"] == args.fold)
     train, held = records.subset_ids(train_ids), records.subset_ids(fold["test"])

@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 from raysynth.config import apply_override, load_config
-from raysynth.layout import Layout
+from raysynth.artifacts import Layout
 from raysynth.pipeline import run_stage
 from raysynth.runtime import ensure_ray
 
@@ -92,7 +92,7 @@ def start_ray(cfg) -> float:
 
 def ensure_run(run: Path | None, cfg) -> Layout:
     """A run folder with prepared data and fold 0's trained generator (made here if missing)."""
-    from raysynth.diffusion.train import digest
+    from raysynth.artifacts import generator_digest as digest
 
     layout = Layout.at(run or Path(tempfile.gettempdir()) / f"raysynth-bench9-{digest(cfg)}")
     if not (layout.ddpm(0) / "config.json").is_file():
@@ -163,7 +163,7 @@ def base_argparser(doc: str) -> argparse.ArgumentParser:
 # ---- the rows --------------------------------------------------------------------------------------
 def requests_for(cfg, n: int, generators: int = 1) -> list[dict]:
     """Shard requests for ``n`` samples split over ``generators`` generators (folds 0, 1, ...) and 2 classes."""
-    from raysynth.diffusion.sample import plan_requests
+    from raysynth.stages.sample import plan_requests
 
     out = []
     for k in range(generators):
@@ -176,11 +176,10 @@ def ray_row(cfg, layout: Layout, requests: list[dict], actors: int, cpus: int, p
             bf16: bool = False) -> dict:
     """The sample stage's Ray Data path; shard files' mtimes tell when each shard was written.
     ``per_generator``: one pipeline per generator, one after the other (the stage before issue 9)."""
-    from raysynth.diffusion import sample
+    from raysynth.stages import sample
 
-    for o in (f"sampling.min_actors={actors}", f"sampling.max_actors={actors}", f"sampling.cpus_per_actor={cpus}",
-              f"sampling.cpu_bf16={str(bf16).lower()}"):
-        cfg = apply_override(cfg, o)
+    cfg = cfg.replace(sampling=cfg.sampling.replace(min_actors=actors, max_actors=actors, cpus_per_actor=cpus,
+                                                    cpu_bf16=bf16))
     out = scratch_layout(layout)
     folds = sorted({r["fold"] for r in requests})
     try:
@@ -205,8 +204,8 @@ def ray_row(cfg, layout: Layout, requests: list[dict], actors: int, cpus: int, p
 @worker_niceness()
 def plain_row(cfg, layout: Layout, requests: list[dict], channels_last: bool = False, bf16: bool = False) -> dict:
     """The baseline: load the model, then ``process.sample`` over the same batches and seeds."""
-    from raysynth.diffusion.sample import sample_seed
-    from raysynth.diffusion.train import load_generator
+    from raysynth.diffusion.checkpoint import load_generator
+    from raysynth.diffusion.sampler import sample_seed
 
     torch.set_num_threads(1)
     s, t0 = cfg.sampling, time.perf_counter()
@@ -230,7 +229,7 @@ def plain_row(cfg, layout: Layout, requests: list[dict], channels_last: bool = F
 @worker_niceness()
 def inproc_row(cfg, layout: Layout, requests: list[dict]) -> dict:
     """raysynth's ShardSampler (generate + checksums + Parquet), called here without Ray."""
-    from raysynth.diffusion.sample import ShardSampler
+    from raysynth.diffusion.sampler import ShardSampler
 
     out = scratch_layout(layout)
     try:
@@ -246,7 +245,7 @@ def inproc_row(cfg, layout: Layout, requests: list[dict]) -> dict:
 
 
 CHILD = """import json, sys; sys.path.insert(0, {bench!r}); import sampling
-from raysynth.config import from_dict; from raysynth.layout import Layout
+from raysynth.config import from_dict; from raysynth.artifacts import Layout
 print(json.dumps(sampling.plain_row(from_dict(json.loads({cfg!r})), Layout.at({root!r}), json.loads({reqs!r}))))"""
 
 
@@ -265,7 +264,7 @@ def procs_row(cfg, layout: Layout, requests: list[dict], procs: int) -> dict:
 
 def bf16_error(cfg, layout: Layout, n: int = 16) -> dict:
     """Mean and max |bf16 - fp32| of the same seeds' samples (values in [-1, 1])."""
-    from raysynth.diffusion.train import load_generator
+    from raysynth.diffusion.checkpoint import load_generator
 
     model, process, _ = load_generator(layout, 0)
     shape, labels = (1,) + (cfg.data.image_size,) * cfg.data.dims, torch.arange(n) % 2

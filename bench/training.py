@@ -46,7 +46,7 @@ SIZES = {"quick": (16, 4, 1), "full": (48, 8, 3)}  # (steps per row, log_every, 
 def _setup(cfg, layout):
     from raysynth.data.schema import read_parquet
     from raysynth.diffusion.trainer import GeneratorFit, training_tensors
-    from raysynth.layout import read_json
+    from raysynth.artifacts import read_json
 
     ids = read_json(layout.ddpm(0) / "train_ids.json")["train_ids"]
     x0, labels = training_tensors(read_parquet(layout.data_parquet).subset_ids(ids), 0)
@@ -84,8 +84,8 @@ def ray_row(cfg, layout, workers: int) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raysynth.diffusion.train import train_loop_per_worker
-    from raysynth.layout import read_json
+    from raysynth.diffusion.worker import train_loop_per_worker
+    from raysynth.artifacts import read_json
 
     d = cfg.diffusion
     storage = tempfile.mkdtemp(prefix="raysynth-bench9-train-")

@@ -9,9 +9,9 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from raysynth.artifacts import Layout
 from raysynth.config import ConfigError, load_config, preset_names
 from raysynth.errors import PrivacyGateError, RaysynthError
-from raysynth.layout import Layout
 
 log = logging.getLogger("raysynth")
 
@@ -96,31 +96,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(args: argparse.Namespace, cfg, layout: Layout) -> int:
     from raysynth.pipeline import run_pipeline, run_stage
-    from raysynth.quality.stage import raise_if_failed
-    from raysynth.study.report import summary_lines
+    from raysynth.render.report import summary_lines
 
     t0 = time.time()
     if args.command == "pipeline":
-        result = run_pipeline(cfg, layout, force=args.force)
+        try:
+            result = run_pipeline(cfg, layout, force=args.force)
+        except PrivacyGateError as exc:  # the run finished; print its summary, then the gate's verdict
+            if getattr(exc, "outcome", None):
+                for line in summary_lines(exc.outcome["report"]):
+                    print("  " + line)
+            raise
         print(f"\nraysynth pipeline finished in {time.time() - t0:.0f}s; report: {layout.report / 'report.md'}"
               + (f" (pushed to {layout.remote})" if layout.remote else ""))
         for line in summary_lines(result["report"]):
             print("  " + line)
-        raise_if_failed(result["quality"])
         return 0
     result = run_stage(args.command, cfg, layout, force=args.force, folds=getattr(args, "folds", None),
                        num_samples=getattr(args, "num_samples", None))
     if args.command == "report":
         for line in summary_lines(result):
             print("  " + line)
-    if args.command == "quality":
-        raise_if_failed(result)
     if args.command == "tune":
         best = result["best"]
         gamma = f" gamma={best['gamma']:.4g}" if best.get("gamma") is not None else ""
         print(f"  best {best['process']}{gamma} lr={best['learning_rate']:.3g}: FD {best['best_fd']:.4g} "
               f"(real-vs-real {result['reference_fd']:.4g})")
-        print(f"  next: raysynth train --config {layout.root / 'tune' / 'best.yaml'}")
+        print(f"  next: raysynth train --config {layout.tune / 'best.yaml'}")
     print(f"raysynth {args.command} finished in {time.time() - t0:.0f}s; output in {layout.location}")
     return 0
 

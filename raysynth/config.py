@@ -1,23 +1,31 @@
-"""One typed config tree for every stage, with presets, YAML in and out, and strict overrides.
+"""The config schema: one typed, validated tree (pydantic v2) that every stage reads.
 
-Every stage reads the same :class:`Config`. It is built from a preset, then a YAML file, then
-``--set key.sub=value`` overrides, in that order. Unknown keys and wrong types are rejected with
-the dotted path of the bad key, and option strings list the valid choices (diffusers style).
+A :class:`Config` is built from a preset (:mod:`raysynth.presets`), then a YAML file, then
+``--set key.sub=value`` overrides, in that order, and validated once at construction: types
+(strict: a string is not an int), ranges (next to each field) and cross-field rules (model
+validators). Every failure is one :class:`ConfigError` line that names the dotted key path, and
+option strings list the valid choices (diffusers style).
 """
 
-from __future__ import annotations
-
-import dataclasses
 import hashlib
 import json
-import types
+import math
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
+import annotated_types
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raysynth.presets import PRESETS, preset_names
+
+__all__ = [
+    "OPT_IN_FIELDS", "ConfigError", "Dims", "Task", "Process", "Sampler", "Denoise", "BadFilePolicy", "Encoder",
+    "ClassBalance", "CorruptionName", "DataConfig", "CVConfig", "DiffusionConfig", "SamplingConfig", "StudyConfig",
+    "QualityConfig", "RobustnessConfig", "TuningConfig", "RayConfig", "Config", "PRESETS", "preset_names",
+    "load_config", "apply_override", "from_dict", "section_from_dict",
+]
 
 OPT_IN_FIELDS = ("diffusion.cpu_bf16", "sampling.cpu_bf16")
 """Boolean settings added after artifacts existed: they enter a digest only when set."""
@@ -37,100 +45,204 @@ Encoder = Literal["trained", "random"]
 ClassBalance = Literal["balanced", "proportional"]
 CorruptionName = Literal["noise", "bias", "ghosting", "spike", "gibbs", "blur", "contrast"]
 
+SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddpm", "ddim", "dpmsolver++"), "gamma": ("euler", "heun")}
+"""The samplers that fit each noise process (``raysynth.diffusion.process``)."""
 
-@dataclass
-class DataConfig:
+
+def _number_from_text(value: Any) -> Any:
+    # YAML 1.1 reads "5e-4" (no dot) as a string; accept what Python reads as a number.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _list_from_tuple(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+_Float = Annotated[float, BeforeValidator(_number_from_text)]
+"""A float field: takes ints (stored as floats) and numeric strings, never bools."""
+
+
+def _list(item: Any) -> Any:
+    return Annotated[list[item], BeforeValidator(_list_from_tuple)]
+
+
+_UNSET = object()
+
+
+class _Rule(ValueError):
+    """A failed cross-field rule; ``key`` is relative to the model that raised it."""
+
+    def __init__(self, key: str, text: str) -> None:
+        super().__init__(text)
+        self.key, self.text = key, text
+
+
+def _distinct(values: list) -> bool:
+    return len(set(values)) == len(values)
+
+
+class _ConfigErrors(type(BaseModel)):
+    """``DataConfig(dims=4)`` raises a :class:`ConfigError`, not pydantic's ValidationError. (A
+    metaclass, not ``__init__``: pydantic would call a custom ``__init__`` for every nested section.)"""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except ValidationError as exc:
+            raise _config_error(exc, cls, _SECTION_OF.get(cls, "")) from None
+
+
+class _Model(BaseModel, metaclass=_ConfigErrors):
+    """Strict, closed (unknown keys are errors), validated on construction and on assignment."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True, use_attribute_docstrings=True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        before = self.__dict__.get(name, _UNSET)
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            if before is not _UNSET:  # a model rule fails after pydantic has stored the value
+                self.__dict__[name] = before
+            raise _config_error(exc, type(self), _SECTION_OF.get(type(self), "")) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (dicts, lists, ints, floats, strings, None): what YAML and the digests see."""
+        return self.model_dump()
+
+    def replace(self, **changes: Any) -> Any:
+        """A validated copy with ``changes`` (``dataclasses.replace`` for config models;
+        ``model_copy(update=...)`` would skip validation)."""
+        return _validate(type(self), {**self.model_dump(), **changes}, _SECTION_OF.get(type(self), ""))
+
+
+class DataConfig(_Model):
     """Where the real scans come from and how they are preprocessed."""
 
     source: Optional[str] = None
     """A class-folder image set, or a NIfTI folder with labels.csv. None: the embedded cohort."""
     dims: Dims = 2
     task: Task = "classification"
-    image_size: int = 32
+    image_size: int = Field(32, ge=8)
     """Side of 2D images, and of 3D volumes (a cube), in voxels after preprocessing."""
-    num_scans: int = 557
+    num_scans: int = Field(557, ge=4)
     """Size of the embedded cohort (the paper's public set has 557 scans of one subject)."""
-    lesion_fraction: float = 0.5
+    lesion_fraction: _Float = Field(0.5, gt=0, lt=1)
     """Fraction of embedded scans that carry a simulated focal lesion (label 1)."""
     cohort_seed: int = 0
-    low_percentile: float = 0.5
-    high_percentile: float = 99.5
+    low_percentile: _Float = Field(0.5, ge=0)
+    high_percentile: _Float = Field(99.5, le=100)
     denoise: Denoise = "none"
-    denoise_sigma: float = 0.6
-    slices_per_volume: int = 1
+    denoise_sigma: _Float = Field(0.6, ge=0)
+    slices_per_volume: int = Field(1, ge=1)
     """2D from NIfTI: how many axial slices around the centre to take from each volume."""
-    mask_suffix: str = "_seg"
+    mask_suffix: str = Field("_seg", min_length=1)
     """Segmentation from NIfTI: the mask of ``x.nii.gz`` is ``x{mask_suffix}.nii.gz``."""
     foreground_crop: bool = False
     bad_files: BadFilePolicy = "error"
     """``error``: the first unreadable input stops the stage. ``skip``: warn and leave it out."""
 
+    @field_validator("image_size")
+    @classmethod
+    def _halves_twice(cls, v: int) -> int:
+        if v % 4:
+            raise ValueError(f"{v} must be a multiple of 4 (the denoiser halves it twice)")
+        return v
 
-@dataclass
-class CVConfig:
+    @model_validator(mode="after")
+    def _percentiles(self) -> "DataConfig":
+        if not self.low_percentile < self.high_percentile:
+            raise _Rule("low_percentile/high_percentile", "need 0 <= low < high <= 100, got "
+                        f"{self.low_percentile}, {self.high_percentile}")
+        return self
+
+
+class CVConfig(_Model):
     """Cross-validation splits, written once to splits.json and read by every arm and seed."""
 
-    folds: int = 4
-    repeats: int = 1
+    folds: int = Field(4, ge=2)
+    repeats: int = Field(1, ge=1)
     seed: int = 0
 
 
-@dataclass
-class DiffusionConfig:
+class DiffusionConfig(_Model):
     """The generator: noise process, denoiser size and its Ray Train fit."""
 
     process: Process = "ddpm"
-    num_train_timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    gamma: float = 12.5
+    num_train_timesteps: int = Field(1000, ge=2)
+    beta_start: _Float = Field(1e-4, gt=0)
+    beta_end: _Float = Field(0.02, lt=1)
+    gamma: _Float = Field(12.5, gt=0)
     """Diffusion constant of the paper's process X_t = X + sqrt(2*gamma*t)*eps (sigma_max = sqrt(2*gamma))."""
-    sigma_min: float = 0.002
-    channels: list[int] = field(default_factory=lambda: [32, 64, 64])
-    layers_per_block: int = 1
+    sigma_min: _Float = Field(0.002, gt=0)
+    """Gamma process: the smallest non-zero noise level sampled; must lie below sigma_max."""
+    channels: _list(int) = Field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = Field(1, ge=1)
     attention: bool = False
     """Self-attention at the lowest resolution."""
     gradient_checkpointing: bool = False
-    learning_rate: float = 5e-4
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    train_steps: int = 1200
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
-    max_train_images: Optional[int] = 350
+    learning_rate: _Float = Field(5e-4, gt=0)
+    weight_decay: _Float = Field(0.0, ge=0)
+    batch_size: int = Field(32, ge=1)
+    train_steps: int = Field(1200, ge=1)
+    ema_decay: _Float = Field(0.999, ge=0, lt=1)
+    grad_clip: _Float = Field(1.0, ge=0)
+    """Largest gradient norm; 0: no clipping."""
+    max_train_images: Optional[int] = Field(350, ge=2)
     """Cap on the real images a generator trains on (the paper used 350). None: the whole fold."""
-    num_workers: int = 1
-    cpus_per_worker: int = 1
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: int = Field(1, ge=1)
     use_gpu: bool = False
-    checkpoint_every: int = 500
-    max_failures: int = 2
+    checkpoint_every: int = Field(500, ge=1)
+    max_failures: int = Field(2, ge=-1)
+    """Ray Train restarts after a worker failure; -1: without limit (as in Ray)."""
     parallel_folds: bool = True
-    max_parallel_folds: Optional[int] = None
+    max_parallel_folds: Optional[int] = Field(None, ge=1)
     """Folds training at once; None: as many as the cluster's current CPUs/GPUs hold. On an
     autoscaling cluster that starts from zero GPU nodes, set it to the number of GPU nodes wanted."""
-    log_every: int = 50
+    log_every: int = Field(50, ge=1)
     cpu_bf16: bool = False
     """CPU workers only: the training forward under bf16 autocast (about 1.5x faster where the CPU
     has AVX512-BF16 or AMX; slower where it has neither). Part of the generator's digest."""
 
+    @field_validator("channels")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        if not v or any(c <= 0 for c in v):
+            raise ValueError(f"{v} must be a non-empty list of positive widths")
+        return v
 
-@dataclass
-class SamplingConfig:
+    @model_validator(mode="after")
+    def _schedule(self) -> "DiffusionConfig":
+        if not self.beta_start < self.beta_end:
+            raise _Rule("beta_start/beta_end", f"need 0 < start < end < 1, got {self.beta_start}, {self.beta_end}")
+        if self.process == "gamma" and not self.sigma_min < math.sqrt(2.0 * self.gamma):
+            raise _Rule("sigma_min", f"{self.sigma_min} must be below sigma_max = sqrt(2 * gamma) = "
+                        f"{math.sqrt(2.0 * self.gamma):.4g} (gamma={self.gamma})")
+        return self
+
+
+class SamplingConfig(_Model):
     """Ray Data fan-out of sample requests to model-holding actors."""
 
     sampler: Sampler = "ddim"
-    steps: int = 25
-    ratio: float = 1.0
+    steps: int = Field(25, ge=1)
+    ratio: _Float = Field(1.0, ge=0)
     """Synthetic samples per real training sample of each class (``balanced``: of the largest class)."""
-    num_samples: Optional[int] = None
+    num_samples: Optional[int] = Field(None, ge=0)
     """Total synthetic samples per fold; overrides ``ratio`` when set."""
     class_balance: ClassBalance = "balanced"
-    batch_size: int = 32
-    shard_size: int = 128
-    min_actors: int = 1
-    max_actors: int = 2
-    cpus_per_actor: int = 1
-    gpus_per_actor: float = 0.0
+    batch_size: int = Field(32, ge=1)
+    shard_size: int = Field(128, ge=1)
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(2, ge=1)
+    cpus_per_actor: int = Field(1, ge=1)
+    gpus_per_actor: _Float = Field(0.0, ge=0)
     seed: int = 1234
     write_nifti: bool = True
     """3D only: also write one .nii.gz per sample (2D writes Parquet only)."""
@@ -138,60 +250,105 @@ class SamplingConfig:
     """CPU actors only: the denoiser under bf16 autocast (about 2x faster where the CPU has
     AVX512-BF16 or AMX). Samples move slightly from fp32 ones, so it is part of the sampling digest."""
 
+    @model_validator(mode="after")
+    def _actors(self) -> "SamplingConfig":
+        if self.max_actors < self.min_actors:
+            raise _Rule("max_actors", f"{self.max_actors} is below sampling.min_actors ({self.min_actors})")
+        return self
 
-@dataclass
-class StudyConfig:
+
+class StudyConfig(_Model):
     """The Ray Tune grid of downstream CNNs: arm (x ratio) x real fraction x fold x seed."""
 
-    # Unannotated, so a class constant and not a config key.
-    ARMS = {
+    ARMS: ClassVar[dict[str, str]] = {
         "baseline": "real training data only",
         "classical": "real data with classical MRI augmentation (flips, affine, elastic, bias field, noise, gamma)",
         "synthetic": "real data plus synthetic data at each ratio",
         "synthetic+classical": "real plus synthetic data at each ratio, with classical augmentation",
         "synthetic_only": "synthetic data only at each ratio (tested on real data)",
     }
-    """Valid arm names and what each trains on; every arm uses the same splits and seeds."""
+    """Valid arm names and what each trains on; every arm uses the same splits and seeds (a class
+    constant, not a config key)."""
+    SYNTHETIC_ARMS: ClassVar[tuple[str, ...]] = ("synthetic", "synthetic+classical", "synthetic_only")
+    """Arms that train on synthetic samples (one condition per ratio)."""
+    CLASSICAL_ARMS: ClassVar[tuple[str, ...]] = ("classical", "synthetic+classical")
+    """Arms that train with classical MRI augmentation."""
 
-    arms: list[str] = field(default_factory=lambda: ["baseline", "synthetic"])
-    ratios: Optional[list[float]] = None
+    arms: _list(str) = Field(default_factory=lambda: ["baseline", "synthetic"])
+    ratios: Optional[_list(_Float)] = None
     """Synthetic per real training sample of each class, one arm per ratio for every synthetic arm.
     None: ``[sampling.ratio]``. Samples are drawn once at the largest ratio; smaller ratios take
     the first samples of each class, so their sets are nested."""
-    real_fractions: list[float] = field(default_factory=lambda: [1.0])
+    real_fractions: _list(_Float) = Field(default_factory=lambda: [1.0])
     """Scarcity curve: fractions of each fold's real training part (nested stratified subsets);
     synthetic arms get one generator per (fold, fraction), trained on that subset only."""
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
-    epochs: int = 15
-    batch_size: int = 32
-    learning_rate: Optional[float] = None
+    seeds: _list(int) = Field(default_factory=lambda: [0, 1])
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: Optional[_Float] = Field(None, gt=0)
     """None: the task's default (1e-3 for classification; 1e-2 for segmentation, whose Dice+CE
     UNet barely moves at 1e-3 in a short schedule)."""
-    width: int = 16
-    cpus_per_trial: int = 1
-    gpus_per_trial: float = 0.0
-    max_failures: int = 1
+    width: int = Field(16, ge=1)
+    cpus_per_trial: int = Field(1, ge=1)
+    gpus_per_trial: _Float = Field(0.0, ge=0)
+    max_failures: int = Field(1, ge=-1)
+    """Retries of a failed trial; -1: without limit (as in Ray)."""
     primary_metric: str = "balanced_accuracy"
 
-    def lr_for(self, task: str) -> float:
-        if self.learning_rate is not None:
-            return self.learning_rate
+    @field_validator("arms")
+    @classmethod
+    def _arms(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one arm is needed")
+        for arm in v:
+            if arm not in cls.ARMS:
+                raise ValueError(f"{arm!r} is not valid; choose from {list(cls.ARMS)}")
+        if not _distinct(v):
+            raise ValueError(f"{v} lists an arm twice")
+        return v
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if v is not None and (not v or any(r <= 0 for r in v) or not _distinct(v)):
+            raise ValueError(f"{v} must be distinct numbers > 0 (or null for [sampling.ratio])")
+        return v
+
+    @field_validator("real_fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0.0 < p <= 1.0 for p in v) or not _distinct(v):
+            raise ValueError(f"{v} must be distinct fractions in (0, 1]")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("at least one seed is needed")
+        return v
+
+    @staticmethod
+    def default_learning_rate(task: str) -> float:
+        """The task's default: 1e-3 for classification; 1e-2 for segmentation (see ``learning_rate``)."""
         return 1e-2 if task == "segmentation" else 1e-3
+
+    def lr_for(self, task: str) -> float:
+        return self.learning_rate if self.learning_rate is not None else self.default_learning_rate(task)
 
     def ratios_for(self, sampling_ratio: float) -> list[float]:
         return list(self.ratios) if self.ratios is not None else [float(sampling_ratio)]
 
 
-@dataclass
-class QualityConfig:
+class QualityConfig(_Model):
     """Fidelity, coverage, diversity and the memorisation gate."""
 
     encoder: Encoder = "trained"
-    encoder_epochs: int = 10
-    feature_dim: int = 64
-    knn: int = 3
-    ncc_threshold: float = 0.95
-    reference_quantile: Optional[float] = 0.995
+    encoder_epochs: int = Field(10, ge=1)
+    feature_dim: int = Field(64, ge=1)
+    knn: int = Field(3, ge=1)
+    ncc_threshold: _Float = Field(0.95, gt=0, le=1)
+    reference_quantile: Optional[_Float] = Field(0.995, gt=0, le=1)
     """Raise the NCC threshold to this quantile of held-out real scans' nearest-training NCC; the
     gate then allows ``max_memorised_fraction`` above the held-out scans' own rate over it.
 
@@ -199,19 +356,18 @@ class QualityConfig:
     reach NCC 0.96-0.98 with each other, so a fixed 0.95 would flag every faithful sample. A
     synthetic sample is a near-copy when it is closer to a training image than genuinely new real
     scans are. None: use ``ncc_threshold`` alone."""
-    max_memorised_fraction: float = 0.01
+    max_memorised_fraction: _Float = Field(0.01, ge=0, le=1)
     """Largest allowed excess of near-copies over held-out real scans' rate (with a reference)."""
     drop_memorised: bool = False
 
 
-@dataclass
-class RobustnessConfig:
+class RobustnessConfig(_Model):
     """Generalisation and robustness of the study's trained models, evaluated without retraining."""
 
-    corruptions: list[CorruptionName] = field(
+    corruptions: _list(CorruptionName) = Field(
         default_factory=lambda: ["noise", "bias", "ghosting", "spike", "gibbs", "blur", "contrast"])
-    """MRI artefacts applied to each split's real test part (``study.augment.CORRUPTIONS``)."""
-    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    """MRI artefacts applied to each split's real test part (``downstream.augment.CORRUPTIONS``)."""
+    severities: _list(int) = Field(default_factory=lambda: [1, 2, 3, 4, 5])
     seed: int = 0
     """Seed of the corruption draws; every arm and seed of a split sees the same corrupted images."""
     external_test: Optional[str] = None
@@ -220,73 +376,118 @@ class RobustnessConfig:
     builtin_external: bool = True
     """With the embedded cohort and no ``external_test``: use the cohort as seen by another
     simulated scanner (contrast, noise, resolution, bias) as the external test set."""
-    external_scans: int = 200
+    external_scans: int = Field(200, ge=4)
     """Size of the built-in external set."""
-    label_map: dict[str, str] = field(default_factory=dict)
+    label_map: dict[str, str] = Field(default_factory=dict)
     """External class name -> training class name, for names that differ; the others must match."""
-    calibration_bins: int = 10
+    calibration_bins: int = Field(10, ge=2)
+
+    @field_validator("corruptions")
+    @classmethod
+    def _corruptions(cls, v: list[str]) -> list[str]:
+        if not _distinct(v):
+            raise ValueError(f"{v} lists a corruption twice")
+        return v
+
+    @field_validator("severities")
+    @classmethod
+    def _severities(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= s <= 5 for s in v) or not _distinct(v):
+            raise ValueError(f"{v} must be distinct integers in 1..5")
+        return v
 
 
-@dataclass
-class TuningConfig:
+class TuningConfig(_Model):
     """``raysynth tune``: a Ray Tune search over diffusion.gamma and learning rate (and process),
     scored on the Fréchet distance of samples to held-out real images, never on the loss (losses
     at different gammas live on different noise scales)."""
 
-    num_samples: int = 8
+    num_samples: int = Field(8, ge=1)
     """Trials."""
-    trial_steps: int = 400
+    trial_steps: int = Field(400, ge=1)
     """Optimiser steps of a trial that ASHA never stops."""
-    eval_every: int = 100
+    eval_every: int = Field(100, ge=1)
     """Steps between FD evaluations (each one is an ASHA report)."""
-    eval_samples: int = 64
-    eval_steps: int = 10
+    eval_samples: int = Field(64, ge=2)
+    """Samples per FD evaluation (at least 2, for a covariance)."""
+    eval_steps: int = Field(10, ge=1)
     ddpm_sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"
     gamma_sampler: Literal["euler", "heun"] = "heun"
-    gamma_min: float = 2.0
+    gamma_min: _Float = Field(2.0, gt=0)
     """sigma_max = sqrt(2 gamma) from 2 ..."""
-    gamma_max: float = 2000.0
+    gamma_max: _Float = 2000.0
     """... to 63 (EDM's sigma_max = 80 is gamma = 3200)."""
-    lr_min: float = 3e-5
-    lr_max: float = 3e-3
-    processes: list[Process] = field(default_factory=lambda: ["gamma"])
-    grace_period: int = 100
+    lr_min: _Float = Field(3e-5, gt=0)
+    lr_max: _Float = 3e-3
+    processes: _list(Process) = Field(default_factory=lambda: ["gamma"])
+    grace_period: int = Field(100, ge=1)
     """Steps before ASHA may stop a trial."""
-    reduction_factor: float = 2.0
-    val_fraction: float = 0.2
+    reduction_factor: _Float = Field(2.0, gt=1)
+    val_fraction: _Float = Field(0.2, gt=0, lt=1)
     """Share of the tuning fold's training part held out to score FD (its test part is never used)."""
-    fold: int = 0
-    cpus_per_trial: int = 1
-    gpus_per_trial: float = 0.0
+    fold: int = Field(0, ge=0)
+    cpus_per_trial: int = Field(1, ge=1)
+    gpus_per_trial: _Float = Field(0.0, ge=0)
     """Fractional on a GPU cluster, e.g. 0.25."""
-    max_concurrent_trials: int = 0
+    max_concurrent_trials: int = Field(0, ge=0)
     """0: as many as the resources allow."""
 
+    @field_validator("processes")
+    @classmethod
+    def _processes(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"at least one process is needed; choose from {list(SAMPLERS)}")
+        return v
 
-@dataclass
-class RayConfig:
+    @model_validator(mode="after")
+    def _ranges(self) -> "TuningConfig":
+        for key in ("eval_every", "grace_period"):
+            if getattr(self, key) > self.trial_steps:
+                raise _Rule(key, f"{getattr(self, key)} must be <= trial_steps ({self.trial_steps})")
+        for low, high in (("gamma_min", "gamma_max"), ("lr_min", "lr_max")):
+            if not getattr(self, low) < getattr(self, high):
+                raise _Rule(f"{low}/{high}", f"need 0 < {low} < {high}, got {getattr(self, low)}, {getattr(self, high)}")
+        return self
+
+
+class RayConfig(_Model):
     address: Optional[str] = None
     """None: join RAY_ADDRESS if set, else start a local instance."""
-    num_cpus: Optional[int] = None
+    num_cpus: Optional[int] = Field(None, ge=1)
 
 
-@dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    cv: CVConfig = field(default_factory=CVConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    study: StudyConfig = field(default_factory=StudyConfig)
-    quality: QualityConfig = field(default_factory=QualityConfig)
-    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
-    tune: TuningConfig = field(default_factory=TuningConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
+class Config(_Model):
+    data: DataConfig = Field(default_factory=DataConfig)
+    cv: CVConfig = Field(default_factory=CVConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    study: StudyConfig = Field(default_factory=StudyConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
+    tune: TuningConfig = Field(default_factory=TuningConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
     seed: int = 0
 
-    # ---- serialisation -------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    @model_validator(mode="after")
+    def _across_sections(self) -> "Config":
+        """Rules that tie sections together (the sections check their own fields)."""
+        df, s, st, tn = self.diffusion, self.sampling, self.study, self.tune
+        valid_samplers = SAMPLERS[df.process]
+        if s.sampler not in valid_samplers:
+            raise _Rule("sampling.sampler", f"{s.sampler!r} does not fit diffusion.process={df.process!r}; "
+                        f"choose one of {list(valid_samplers)}")
+        if df.process == "ddpm" and s.steps > df.num_train_timesteps:
+            raise _Rule("sampling.steps", f"{s.steps} exceeds diffusion.num_train_timesteps ({df.num_train_timesteps})")
+        if "ddpm" in tn.processes and tn.eval_steps > df.num_train_timesteps:
+            raise _Rule("tune.eval_steps", f"{tn.eval_steps} exceeds diffusion.num_train_timesteps "
+                        f"({df.num_train_timesteps})")
+        if st.ratios is None and s.ratio <= 0 and any(a in StudyConfig.SYNTHETIC_ARMS for a in st.arms):
+            raise _Rule("study.ratios", "synthetic arms need a ratio > 0; set study.ratios or sampling.ratio")
+        if tn.fold >= self.cv.folds * self.cv.repeats:
+            raise _Rule("tune.fold", f"{tn.fold} must be < cv.folds * cv.repeats ({self.cv.folds * self.cv.repeats})")
+        return self
 
+    # ---- serialisation -------------------------------------------------------------------
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
@@ -310,140 +511,29 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def validate(self) -> "Config":
-        """Cross-field checks that a type alone cannot express."""
-        d, cv, df, s, st = self.data, self.cv, self.diffusion, self.sampling, self.study
-        _positive("data.image_size", d.image_size, minimum=8)
-        if d.image_size % 4:
-            raise ConfigError(f"data.image_size: {d.image_size} must be a multiple of 4 (the denoiser halves it twice)")
-        _positive("data.num_scans", d.num_scans, minimum=4)
-        if not 0.0 < d.lesion_fraction < 1.0:
-            raise ConfigError(f"data.lesion_fraction: {d.lesion_fraction} must lie strictly between 0 and 1")
-        if not 0.0 <= d.low_percentile < d.high_percentile <= 100.0:
-            raise ConfigError(
-                f"data.low_percentile/high_percentile: need 0 <= low < high <= 100, got {d.low_percentile}, {d.high_percentile}"
-            )
-        _positive("data.slices_per_volume", d.slices_per_volume)
-        _positive("cv.folds", cv.folds, minimum=2)
-        _positive("cv.repeats", cv.repeats)
-        _positive("diffusion.num_train_timesteps", df.num_train_timesteps, minimum=2)
-        if not 0.0 < df.beta_start < df.beta_end < 1.0:
-            raise ConfigError(f"diffusion.beta_start/beta_end: need 0 < start < end < 1, got {df.beta_start}, {df.beta_end}")
-        if df.gamma <= 0:
-            raise ConfigError(f"diffusion.gamma: {df.gamma} must be > 0")
-        if not df.channels or any(c <= 0 for c in df.channels):
-            raise ConfigError(f"diffusion.channels: {df.channels} must be a non-empty list of positive widths")
-        _positive("diffusion.batch_size", df.batch_size)
-        _positive("diffusion.train_steps", df.train_steps)
-        _positive("diffusion.num_workers", df.num_workers)
-        _positive("diffusion.checkpoint_every", df.checkpoint_every)
-        if not 0.0 <= df.ema_decay < 1.0:
-            raise ConfigError(f"diffusion.ema_decay: {df.ema_decay} must lie in [0, 1)")
-        if df.max_train_images is not None:
-            _positive("diffusion.max_train_images", df.max_train_images, minimum=2)
-        valid_samplers = {"ddpm": ("ddpm", "ddim", "dpmsolver++"), "gamma": ("euler", "heun")}[df.process]
-        if s.sampler not in valid_samplers:
-            raise ConfigError(
-                f"sampling.sampler: {s.sampler!r} does not fit diffusion.process={df.process!r}; choose one of {list(valid_samplers)}"
-            )
-        _positive("sampling.steps", s.steps)
-        if s.ratio < 0:
-            raise ConfigError(f"sampling.ratio: {s.ratio} must be >= 0")
-        if s.num_samples is not None and s.num_samples < 0:
-            raise ConfigError(f"sampling.num_samples: {s.num_samples} must be >= 0")
-        _positive("sampling.batch_size", s.batch_size)
-        _positive("sampling.shard_size", s.shard_size)
-        _positive("sampling.min_actors", s.min_actors)
-        if s.max_actors < s.min_actors:
-            raise ConfigError(f"sampling.max_actors: {s.max_actors} is below sampling.min_actors ({s.min_actors})")
-        if not st.arms:
-            raise ConfigError("study.arms: at least one arm is needed")
-        for arm in st.arms:
-            if arm not in StudyConfig.ARMS:
-                raise ConfigError(f"study.arms: {arm!r} is not valid; choose from {list(StudyConfig.ARMS)}")
-        if len(set(st.arms)) != len(st.arms):
-            raise ConfigError(f"study.arms: {st.arms} lists an arm twice")
-        if st.ratios is not None and (not st.ratios or any(r <= 0 for r in st.ratios) or len(set(st.ratios)) != len(st.ratios)):
-            raise ConfigError(f"study.ratios: {st.ratios} must be distinct numbers > 0 (or null for [sampling.ratio])")
-        if st.ratios is None and s.ratio <= 0 and any(a.startswith("synthetic") for a in st.arms):
-            raise ConfigError("study.ratios: synthetic arms need a ratio > 0; set study.ratios or sampling.ratio")
-        if not st.real_fractions or any(not 0.0 < p <= 1.0 for p in st.real_fractions) \
-                or len(set(st.real_fractions)) != len(st.real_fractions):
-            raise ConfigError(f"study.real_fractions: {st.real_fractions} must be distinct fractions in (0, 1]")
-        if not st.seeds:
-            raise ConfigError("study.seeds: at least one seed is needed")
-        _positive("study.epochs", st.epochs)
-        _positive("study.batch_size", st.batch_size)
-        rb = self.robustness
-        if any(not 1 <= v <= 5 for v in rb.severities) or len(set(rb.severities)) != len(rb.severities):
-            raise ConfigError(f"robustness.severities: {rb.severities} must be distinct integers in 1..5")
-        if len(set(rb.corruptions)) != len(rb.corruptions):
-            raise ConfigError(f"robustness.corruptions: {rb.corruptions} lists a corruption twice")
-        _positive("robustness.external_scans", rb.external_scans, minimum=4)
-        _positive("robustness.calibration_bins", rb.calibration_bins, minimum=2)
-        rq = self.quality.reference_quantile
-        if rq is not None and not 0.0 < rq <= 1.0:
-            raise ConfigError(f"quality.reference_quantile: {rq} must lie in (0, 1] or be null")
-        if not 0.0 < self.quality.ncc_threshold <= 1.0:
-            raise ConfigError(f"quality.ncc_threshold: {self.quality.ncc_threshold} must lie in (0, 1]")
+        """Check the whole tree again (construction already did; this catches rules across
+        sections that a later assignment to one section broke) and return ``self``."""
+        _validate(Config, self.model_dump(), "")
         return self
 
 
-def _positive(key: str, value: int | float, minimum: int | float = 1) -> None:
-    if value < minimum:
-        raise ConfigError(f"{key}: {value} must be >= {minimum}")
+_SECTION_OF: dict[type, str] = {info.annotation: name for name, info in Config.model_fields.items()
+                                if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)}
+"""Section class -> its key in :class:`Config`, for the dotted paths of errors."""
 
 
-# ---- presets ---------------------------------------------------------------------------------
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # CI-sized: end to end in well under 3 minutes on 2 cores.
-    "smoke": {
-        "data": {"image_size": 16, "num_scans": 48},
-        "cv": {"folds": 2},
-        "diffusion": {"channels": [16, 32], "train_steps": 30, "batch_size": 16, "checkpoint_every": 15, "max_train_images": None,
-                      "log_every": 10},
-        "sampling": {"steps": 5, "ratio": 0.5, "batch_size": 32, "shard_size": 32, "max_actors": 1},
-        "study": {"seeds": [0], "epochs": 2, "width": 8},
-        "quality": {"encoder_epochs": 2, "feature_dim": 16},
-        "robustness": {"severities": [1, 3, 5], "external_scans": 24},
-        "tune": {"num_samples": 3, "trial_steps": 20, "eval_every": 10, "grace_period": 10, "eval_samples": 16,
-                 "eval_steps": 4},
-    },
-    # The README's main command (the dataclass defaults): 557 scans at 32x32, 4 folds, a
-    # 1200-step generator per fold on at most 350 scans (as in the paper); ~20 minutes on 2 cores.
-    "default": {},
-    # A cloud GPU cluster: bigger images and networks, GPU workers and actors. DDIM, not DPM-Solver++:
-    # on our trained DDPMs DPM-Solver++ gave per-sample brightness drift and worse FD (BENCHMARKS.md).
-    "gpu": {
-        "data": {"image_size": 128},
-        "cv": {"folds": 5},
-        "diffusion": {"channels": [64, 128, 256, 256], "layers_per_block": 2, "attention": True,
-                      "train_steps": 30000, "batch_size": 64, "use_gpu": True, "num_workers": 4,
-                      "checkpoint_every": 2000, "learning_rate": 1e-4, "ema_decay": 0.9999},
-        "sampling": {"batch_size": 256, "max_actors": 8, "gpus_per_actor": 1.0, "steps": 50,
-                     "sampler": "ddim"},
-        "study": {"seeds": [0, 1, 2], "epochs": 40, "width": 32, "gpus_per_trial": 0.25},
-        "quality": {"encoder_epochs": 30, "feature_dim": 128},
-        "tune": {"num_samples": 32, "trial_steps": 5000, "eval_every": 500, "grace_period": 1000,
-                 "reduction_factor": 3.0, "eval_samples": 512, "eval_steps": 20, "processes": ["ddpm", "gamma"],
-                 "cpus_per_trial": 2, "gpus_per_trial": 0.25},
-    },
-}
-
-
-def preset_names() -> list[str]:
-    return list(PRESETS)
-
+# ---- building --------------------------------------------------------------------------------
 
 def load_config(
     preset: str = "default",
     file: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
 ) -> Config:
-    """Preset, then YAML file, then ``key.sub=value`` overrides; validated."""
+    """Preset, then YAML file, then ``key.sub=value`` overrides; validated once, at the end (so an
+    override may fix what the file alone would break, e.g. a process and its sampler)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {preset_names()}")
-    cfg = from_dict(_deep_merge({}, PRESETS[preset]))
+    tree = from_dict(PRESETS[preset]).to_dict()
     if file is not None:
         path = Path(file)
         if not path.is_file():
@@ -454,14 +544,28 @@ def load_config(
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
-        cfg = from_dict(_deep_merge(cfg.to_dict(), loaded))
+        tree = _deep_merge(tree, loaded)
     for item in overrides:
-        cfg = apply_override(cfg, item)
-    return cfg.validate()
+        _set(tree, item)
+    return from_dict(tree)
 
 
 def apply_override(cfg: Config, item: str) -> Config:
     """Apply one ``key.sub=value`` override; the value is parsed as YAML (``[32, 64]``, ``null``)."""
+    return from_dict(_set(cfg.to_dict(), item))
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    return _validate(Config, raw, "")
+
+
+def section_from_dict(cls: type, raw: dict[str, Any], path: str = "") -> Any:
+    """Rebuild one config section (e.g. the DiffusionConfig saved beside a checkpoint), validated."""
+    return _validate(cls, raw, path)
+
+
+def _set(tree: dict[str, Any], item: str) -> dict[str, Any]:
+    """Set ``key.sub=value`` in the plain ``tree`` (in place, and returned); unknown keys are errors."""
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key.sub=value")
     key, raw = item.split("=", 1)
@@ -470,7 +574,6 @@ def apply_override(cfg: Config, item: str) -> Config:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    tree = cfg.to_dict()
     node = tree
     parts = key.split(".")
     for depth, part in enumerate(parts[:-1]):
@@ -480,16 +583,7 @@ def apply_override(cfg: Config, item: str) -> Config:
     if parts[-1] not in node:
         raise ConfigError(f"{key}: unknown config key; valid keys here: {sorted(node)}")
     node[parts[-1]] = value
-    return from_dict(tree)
-
-
-def from_dict(raw: dict[str, Any]) -> Config:
-    return _build(Config, raw, "")
-
-
-def section_from_dict(cls: type, raw: dict[str, Any], path: str = "") -> Any:
-    """Rebuild one config section (e.g. the DiffusionConfig saved beside a checkpoint), type-checked."""
-    return _build(cls, raw, path)
+    return tree
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -503,67 +597,124 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def _to_plain(obj: Any) -> Any:
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    return obj.model_dump() if isinstance(obj, BaseModel) else obj
 
 
-def _build(cls: type, raw: Any, path: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path or '<root>'}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(f"{where}{unknown[0]}: unknown config key; valid keys here: {sorted(names)}")
-    kwargs = {}
-    for name in names:
-        if name in raw:
-            kwargs[name] = _coerce(hints[name], raw[name], f"{path}.{name}" if path else name)
-    return cls(**kwargs)
+def _validate(cls: type, raw: Any, path: str) -> Any:
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        raise _config_error(exc, cls, path) from None
 
 
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, path)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{path}: {value!r} is not valid; choose one of {list(args)}")
-        return value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
-        return {_coerce(args[0], k, f"{path} key {k!r}"): _coerce(args[1], v, f"{path}.{k}") for k, v in value.items()}
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {type(value).__name__} {value!r}")
-        return [_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads "5e-4" (no dot) as a string; accept what Python reads as a number.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{path}: unsupported config type {tp}")  # pragma: no cover - a programming error
+# ---- pydantic's errors, as one line with the dotted key path ---------------------------------
+
+_EXPECTED = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number",
+    "bool_type": "true/false", "bool_parsing": "true/false",
+    "string_type": "a string",
+}
+_BOUNDS = {"greater_than_equal": "ge", "greater_than": "gt", "less_than_equal": "le", "less_than": "lt"}
+
+
+def _config_error(exc: ValidationError, root: type, prefix: str) -> ConfigError:
+    """The first error of ``exc`` (unknown keys before the others, as they make the rest moot)."""
+    errors = exc.errors(include_url=False)
+    extra = [e for e in errors if e["type"] == "extra_forbidden"]
+    err = min(extra, key=lambda e: (len(e["loc"]), [str(p) for p in e["loc"]])) if extra else errors[0]
+    return ConfigError(_describe(err, root, prefix))
+
+
+def _unwrap(tp: Any) -> tuple[Any, list]:
+    """``tp`` without Optional and Annotated, and the Annotated metadata met on the way."""
+    meta: list = []
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            meta += list(tp.__metadata__)
+            tp = typing.get_args(tp)[0]
+        elif origin is typing.Union:
+            inner = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(inner) != 1:
+                return tp, meta
+            tp = inner[0]
+        else:
+            return tp, meta
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _describe(err: dict, root: type, prefix: str) -> str:
+    loc, kind, value = err["loc"], err["type"], err.get("input")
+    path, tp, parent, meta, nullable = prefix, root, root, [], False
+    parts = list(loc)
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        tp, more = _unwrap(tp)
+        meta = more
+        if _is_model(tp):
+            parent, info = tp, tp.model_fields.get(part) if isinstance(part, str) else None
+            path = f"{path}.{part}" if path else str(part)
+            tp, meta = (info.annotation, list(info.metadata)) if info is not None else (None, [])
+            nullable = type(None) in typing.get_args(tp)
+        elif typing.get_origin(tp) is list:
+            path, nullable = f"{path}[{part}]", False
+            tp = typing.get_args(tp)[0]
+        elif typing.get_origin(tp) is dict:
+            nullable = False
+            if i + 1 < len(parts) and parts[i + 1] == "[key]":
+                path, tp = f"{path} key {part!r}", typing.get_args(tp)[0]
+                i += 1
+            else:
+                path, tp = f"{path}.{part}", typing.get_args(tp)[1]
+        else:
+            path, tp = (f"{path}.{part}" if path else str(part)), None
+        i += 1
+    where = path or "<root>"
+    tp, more = _unwrap(tp)
+    meta += more
+
+    if kind == "extra_forbidden":
+        return f"{path}: unknown config key; valid keys here: {sorted(parent.model_fields)}"
+    if kind == "value_error":
+        error = (err.get("ctx") or {}).get("error")
+        if isinstance(error, _Rule):
+            key = f"{path}.{error.key}" if path and error.key else (error.key or where)
+            return f"{key}: {error.text}"
+        return f"{where}: {error if error is not None else err['msg']}"
+    if kind in _EXPECTED:
+        return f"{where}: expected {_EXPECTED[kind]}, got {value!r}"
+    if kind in ("model_type", "model_attributes_type"):
+        return f"{where}: expected a mapping, got {type(value).__name__}"
+    if kind == "dict_type":
+        return f"{where}: expected a mapping, got {type(value).__name__} {value!r}"
+    if kind == "list_type":
+        return f"{where}: expected a list, got {type(value).__name__} {value!r}"
+    if kind == "literal_error":
+        choices = list(typing.get_args(tp)) if typing.get_origin(tp) is Literal else err["ctx"]["expected"]
+        return f"{where}: {value!r} is not valid; choose one of {choices}"
+    if kind in _BOUNDS:
+        return f"{where}: {value} must {_bounds_text(meta, err.get('ctx') or {})}{' or be null' if nullable else ''}"
+    if kind == "string_too_short":
+        return f"{where}: {value!r} must not be empty"
+    return f"{where}: {err['msg']} (got {value!r})"
+
+
+def _bounds_text(meta: list, ctx: dict) -> str:
+    """``be >= 1``, or ``lie in (0, 1]`` where the field has bounds on both sides."""
+    bounds = {}
+    for m in meta:
+        for name in ("ge", "gt", "le", "lt"):
+            if isinstance(m, getattr(annotated_types, name.capitalize())):
+                bounds[name] = getattr(m, name)
+    bounds = bounds or dict(ctx)
+    lo = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
+    hi = (bounds["le"], "]") if "le" in bounds else (bounds["lt"], ")") if "lt" in bounds else None
+    if lo and hi:
+        return f"lie in {lo[0]}{lo[1]}, {hi[0]}{hi[1]}"
+    (name, bound), = ((k, v) for k, v in bounds.items() if k in ("ge", "gt", "le", "lt"))
+    return f"be {dict(ge='>=', gt='>', le='<=', lt='<')[name]} {bound}"

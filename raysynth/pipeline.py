@@ -1,67 +1,96 @@
-"""The whole flow, stage after stage; each stage skips the work that is already complete."""
+"""The whole flow, stage after stage, and the policy around it.
+
+The pipeline owns the stage registry, what ``--force`` means for each stage, and the privacy
+gate's consequence: a failed gate raises :class:`~raysynth.errors.PrivacyGateError` (the CLI's
+exit status 3) for library callers and the CLI alike. Each stage skips the work that is already
+complete.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+from raysynth.artifacts import Layout
 from raysynth.config import Config
-from raysynth.layout import Layout
+from raysynth.errors import PrivacyGateError
+from raysynth.stages.prepare import prepare
+from raysynth.stages.quality import assess_quality
+from raysynth.stages.report import write_report
+from raysynth.stages.robustness import run_robustness
+from raysynth.stages.sample import sample_synthetic
+from raysynth.stages.study import run_study
+from raysynth.stages.train import train_generators
+from raysynth.stages.tune import search
 from raysynth.storage import syncs_output
 
 log = logging.getLogger(__name__)
 
 STAGES = ("prepare", "train", "sample", "quality", "study", "robustness", "report")
+"""The main flow, in order. ``tune`` is optional and runs before train, on its own."""
+
+_RUNNERS: dict[str, Callable[..., Any]] = {
+    "prepare": lambda cfg, layout, force, folds, num_samples: prepare(cfg, layout, force=force),
+    "train": lambda cfg, layout, force, folds, num_samples: train_generators(cfg, layout, folds=folds, force=force),
+    "sample": lambda cfg, layout, force, folds, num_samples: sample_synthetic(cfg, layout, folds=folds,
+                                                                             num_samples=num_samples, force=force),
+    "quality": lambda cfg, layout, force, folds, num_samples: assess_quality(cfg, layout, force=force),
+    "study": lambda cfg, layout, force, folds, num_samples: run_study(cfg, layout, force=force),
+    "robustness": lambda cfg, layout, force, folds, num_samples: run_robustness(cfg, layout, force=force),
+    "report": lambda cfg, layout, force, folds, num_samples: write_report(cfg, layout, force=force),
+    "tune": lambda cfg, layout, force, folds, num_samples: search(cfg, layout, force=force),
+}
 
 
 @syncs_output  # an output URI: pull its staging folder before the stage, push it after
 def run_stage(name: str, cfg: Config, layout: Layout, *, force: bool = False, folds: Optional[list[int]] = None,
-              num_samples: Optional[int] = None) -> Any:
-    """Run one stage by name; the CLI and the Ray jobs both come through here."""
-    if name == "prepare":
-        from raysynth.data.prepare import prepare
+              num_samples: Optional[int] = None, enforce_gate: bool = True) -> Any:
+    """Run one stage by name; the CLI and the Ray jobs both come through here.
 
-        return prepare(cfg, layout, force=force)
-    if name == "train":
-        from raysynth.diffusion.train import train_generators
-
-        return train_generators(cfg, layout, folds=folds, force=force)
-    if name == "sample":
-        from raysynth.diffusion.sample import sample_synthetic
-
-        return sample_synthetic(cfg, layout, folds=folds, num_samples=num_samples, force=force)
-    if name == "quality":
-        from raysynth.quality.stage import assess_quality
-
-        return assess_quality(cfg, layout, force=force)
-    if name == "study":
-        from raysynth.study.cv import run_study
-
-        return run_study(cfg, layout, force=force)
-    if name == "robustness":
-        from raysynth.study.robustness import run_robustness
-
-        return run_robustness(cfg, layout, force=force)
-    if name == "tune":  # optional, before train: search gamma and the learning rate
-        from raysynth.diffusion.tune import search
-
-        return search(cfg, layout, force=force)
-    if name == "report":
-        from raysynth.study.report import write_report
-
-        return write_report(cfg, layout)
-    raise ValueError(f"unknown stage {name!r}; choose one of {[*STAGES, 'tune']}")
+    ``enforce_gate``: after ``quality``, raise :class:`PrivacyGateError` when the gate failed
+    (the pipeline defers that to the end of the run, so the report still gets written)."""
+    if name not in _RUNNERS:
+        raise ValueError(f"unknown stage {name!r}; choose one of {[*STAGES, 'tune']}")
+    result = _RUNNERS[name](cfg, layout, force, folds, num_samples)
+    if name == "quality" and enforce_gate:
+        enforce_privacy_gate(result)
+    return result
 
 
 def run_pipeline(cfg: Config, layout: Layout, *, force: bool = False) -> dict[str, Any]:
-    """prepare -> train -> sample -> quality -> study -> robustness -> report. Returns the report and timings."""
+    """prepare -> train -> sample -> quality -> study -> robustness -> report. Returns the report and timings.
+
+    Raises :class:`PrivacyGateError` at the end, after the report, when the privacy gate failed."""
     timings: dict[str, float] = {}
     results: dict[str, Any] = {}
     for name in STAGES:
         t0 = time.time()
         log.info("== %s", name)
-        results[name] = run_stage(name, cfg, layout, force=force)
+        results[name] = run_stage(name, cfg, layout, force=force, enforce_gate=False)
         timings[name] = round(time.time() - t0, 1)
         log.info("== %s done in %.1fs", name, timings[name])
-    return {"report": results["report"], "quality": results["quality"], "timings": timings}
+    outcome = {"report": results["report"], "quality": results["quality"], "timings": timings}
+    enforce_privacy_gate(results["quality"], report=layout.report / "report.md", outcome=outcome)
+    return outcome
+
+
+def enforce_privacy_gate(summary: dict[str, Any], report: Any = None, outcome: Optional[dict] = None) -> None:
+    """Raise :class:`PrivacyGateError` with a one-line message when the quality stage's gate failed.
+
+    ``outcome``: the pipeline's result, kept on the error (``exc.outcome``) so a caller can still
+    print the run's summary."""
+    if summary.get("privacy_passed", False):
+        return
+    gate = summary["gate"]
+    bad = ", ".join(f"fold {r['fold']}: {r['gate']['count']}/{r['gate']['total']} "
+                    f"({100 * r['gate']['fraction']:.1f}%, held-out real {100 * r['gate'].get('reference_fraction', 0):.1f}%)"
+                    for r in summary["folds"] if not r["gate"]["passed"])
+    action = "dropped before the study" if gate["drop_memorised"] else "set quality.drop_memorised to drop them"
+    where = f"; report: {report}" if report is not None else ""
+    error = PrivacyGateError(
+        f"privacy gate failed: synthetic samples with NCC above the gate threshold to a training image exceed "
+        f"held-out real scans' rate by more than {100 * gate['max_memorised_fraction']:g}% ({bad}); {action}; "
+        f"see quality/ncc_hist.png{where}")
+    error.outcome = outcome
+    raise error

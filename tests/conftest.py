@@ -1,4 +1,4 @@
-"""Shared fixtures: one local Ray instance per test session, and an isolated cohort cache."""
+"""Shared fixtures: one local Ray instance per test session, an isolated cohort cache, one torch thread."""
 
 from __future__ import annotations
 
@@ -32,3 +32,15 @@ def ray_session():
         ray.init(num_cpus=2, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny tensors: extra intra-op threads only contend with whatever else runs on the machine.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

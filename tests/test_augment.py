@@ -4,16 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from raysynth.study.augment import CORRUPTIONS, build_classical_augment, build_corruption
+from raysynth.downstream.augment import CORRUPTIONS, build_classical_augment, build_corruption
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: extra intra-op threads only contend with whatever else runs on the machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def phantom(n=3, size=16, dims=2, seed=0):

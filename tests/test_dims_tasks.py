@@ -14,7 +14,7 @@ import pytest
 
 from raysynth.cli import main
 from raysynth.data.schema import read_parquet
-from raysynth.layout import Layout, read_json
+from raysynth.artifacts import Layout, read_json
 
 pytestmark = pytest.mark.slow
 

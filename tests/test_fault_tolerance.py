@@ -42,7 +42,7 @@ import pytest
 
 from raysynth.cli import main
 from raysynth.config import load_config
-from raysynth.layout import Layout, read_json
+from raysynth.artifacts import Layout, read_json
 
 pytestmark = pytest.mark.slow
 
@@ -251,7 +251,7 @@ def _file_state(folder: Path, pattern: str = "part-*.parquet") -> dict[str, tupl
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """The smoke cohort, prepared once for this module (no Ray needed)."""
-    from raysynth.data.prepare import prepare
+    from raysynth.stages.prepare import prepare
 
     out = tmp_path_factory.mktemp("ft-prepared")
     prepare(load_config("smoke"), Layout.at(out))
@@ -267,7 +267,7 @@ def _fresh_out(tmp_path: Path, prepared: Path) -> Layout:
 @pytest.fixture(scope="module")
 def trained_fold0(ray_session, prepared, tmp_path_factory) -> Layout:
     """A smoke-preset generator for fold 0, trained once for the sampling test."""
-    from raysynth.diffusion.train import train_generators
+    from raysynth.stages.train import train_generators
 
     layout = _fresh_out(tmp_path_factory.mktemp("ft-trained"), prepared)
     train_generators(load_config("smoke"), layout, folds=[0])
@@ -278,7 +278,7 @@ def trained_fold0(ray_session, prepared, tmp_path_factory) -> Layout:
 
 
 def test_killed_training_worker_resumes_from_its_last_checkpoint(ray_session, prepared, tmp_path):
-    from raysynth.diffusion.train import run_name, train_generators
+    from raysynth.stages.train import run_name, train_generators
 
     cfg = load_config("smoke", overrides=TRAIN_SET)
     layout = _fresh_out(tmp_path, prepared)
@@ -309,7 +309,7 @@ def test_killed_training_worker_resumes_from_its_last_checkpoint(ray_session, pr
 
 
 def test_killed_training_driver_resumes_when_run_again(ray_session, prepared, tmp_path):
-    from raysynth.diffusion.train import run_name
+    from raysynth.stages.train import run_name
 
     layout = _fresh_out(tmp_path, prepared)
     run_dir = layout.ray_storage / run_name(0)
@@ -337,7 +337,7 @@ def test_killed_training_driver_resumes_when_run_again(ray_session, prepared, tm
 
 def test_killed_sampling_job_completes_without_loss_when_run_again(trained_fold0, tmp_path):
     from raysynth.data.schema import checksum, read_parquet
-    from raysynth.diffusion.sample import SHARD_RE, sample_id
+    from raysynth.artifacts import SHARD_RE, sample_id
 
     layout = trained_fold0
     folder = layout.synthetic(0)
@@ -383,7 +383,7 @@ STUDY_SET = ["study.arms=[baseline]", "study.seeds=[0,1]", "study.epochs=1"]
 
 
 def test_resumed_study_runs_only_the_missing_trial(ray_session, prepared, tmp_path, caplog):
-    from raysynth.study.cv import run_study
+    from raysynth.stages.study import run_study
 
     cfg = load_config("smoke", overrides=STUDY_SET)
     layout = _fresh_out(tmp_path, prepared)
@@ -392,7 +392,7 @@ def test_resumed_study_runs_only_the_missing_trial(ray_session, prepared, tmp_pa
     assert len(trials) == 4  # 1 arm x 2 folds x 2 seeds
     lost, others = trials[1], {p.name: p.stat().st_mtime_ns for p in trials if p != trials[1]}
     lost.unlink()
-    with caplog.at_level(logging.INFO, logger="raysynth.study.cv"):
+    with caplog.at_level(logging.INFO, logger="raysynth.stages.study"):
         run_study(cfg, layout)
     assert lost.is_file()
     assert {p.name: p.stat().st_mtime_ns for p in trials if p != lost} == others  # finished trials untouched
@@ -401,7 +401,7 @@ def test_resumed_study_runs_only_the_missing_trial(ray_session, prepared, tmp_pa
 
 
 def test_study_trial_whose_worker_is_killed_is_retried(ray_session, prepared, tmp_path):
-    from raysynth.study.cv import run_study
+    from raysynth.stages.study import run_study
 
     cfg = load_config("smoke", overrides=STUDY_SET + ["study.seeds=[0]", "study.epochs=2", "study.max_failures=2"])
     layout = _fresh_out(tmp_path, prepared)

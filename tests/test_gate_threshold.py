@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from raysynth.quality.memorisation import nearest_ncc, privacy_gate
-from raysynth.quality.stage import effective_threshold
+from raysynth.stages.quality import effective_threshold
 
 
 def _one_subject(rng, n, base):
@@ -35,11 +35,18 @@ def test_without_reference_the_configured_threshold_holds():
 
 
 def test_study_reads_the_drop_list_the_quality_stage_writes(tmp_path):
-    from raysynth.layout import Layout, write_json
-    from raysynth.study.cv import dropped_ids
+    from raysynth.artifacts import Layout, dropped_ids, quality_digest, write_json
+    from raysynth.config import load_config
+    from raysynth.errors import StageError
 
     layout = Layout.at(tmp_path)
-    assert dropped_ids(layout) == set()
-    write_json(layout.quality / "dropped.json", {"config_digest": "x", "ncc_threshold": 0.95,
+    cfg = load_config("smoke", overrides=["quality.drop_memorised=true"])
+    assert dropped_ids(layout, cfg) == set()
+    write_json(layout.quality / "dropped.json", {"config_digest": quality_digest(cfg), "ncc_threshold": 0.95,
                                                  "ids": {"0": ["syn-f0-c0-0000001"], "1": ["syn-f1-c1-0000002"]}})
-    assert dropped_ids(layout) == {"syn-f0-c0-0000001", "syn-f1-c1-0000002"}
+    assert dropped_ids(layout, cfg) == {"syn-f0-c0-0000001", "syn-f1-c1-0000002"}
+    # A list written for another config is an error, and with dropping off it is never read.
+    other = load_config("smoke", overrides=["quality.drop_memorised=true", "quality.knn=5"])
+    with pytest.raises(StageError, match="another config"):
+        dropped_ids(layout, other)
+    assert dropped_ids(layout, load_config("smoke")) == set()

@@ -72,6 +72,41 @@ def test_nearest_feature_cosine_and_l2():
     assert dist[1] == pytest.approx(np.hypot(0.1, 0.2))
 
 
+def test_nearest_feature_matches_brute_force():
+    rng = np.random.default_rng(7)
+    real = rng.normal(size=(40, 16)) * rng.uniform(0.1, 10, size=(40, 1))
+    real[5] = 0.0  # a zero vector: cosine similarity 0 with anything
+    synth = np.concatenate([rng.normal(size=(25, 16)), 3.0 * real[[3, 17]], np.zeros((1, 16))])
+    sim, idx = nearest_feature(synth, real, "cosine")
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    cos = unit(synth) @ unit(real).T
+    np.testing.assert_array_equal(idx, cos.argmax(1))
+    np.testing.assert_allclose(sim, cos.max(1), atol=1e-12)
+    assert sim[25:27] == pytest.approx(1.0) and list(idx[25:27]) == [3, 17] and sim[27] == 0.0
+    dist, idx = nearest_feature(synth, real, "l2")
+    full = np.linalg.norm(synth[:, None] - real[None], axis=-1)
+    np.testing.assert_array_equal(idx, full.argmin(1))
+    np.testing.assert_allclose(dist, full.min(1), rtol=1e-9, atol=1e-7)
+    assert dist.dtype == np.float64 and idx.dtype == np.int64
+    empty = nearest_feature(np.zeros((0, 16)), real)
+    assert empty[0].shape == empty[1].shape == (0,)
+
+
+@pytest.mark.parametrize("spatial", [(16, 16), (8, 8, 8)])
+def test_ncc_of_multichannel_images_correlates_all_channels_together(spatial):
+    real = np.stack([_smooth_images(10, spatial[0], 20 + c, len(spatial)) for c in range(3)], axis=1)  # (N, C, *S)
+    synthetic = np.concatenate([0.5 * real[[4, 8]] - 0.2, _smooth_images(6, spatial[0], 30, len(spatial))
+                                .reshape(2, 3, *spatial), np.roll(real[[1]], 1, axis=1)])  # copies, new, channels rotated
+    best, index = nearest_ncc(synthetic, real, chunk_size=3)
+    pearson = np.corrcoef(synthetic.reshape(5, -1), real.reshape(10, -1))[:5, 5:]
+    np.testing.assert_allclose(best, pearson.max(1), atol=1e-5)
+    np.testing.assert_array_equal(index, pearson.argmax(1))
+    np.testing.assert_allclose(best[:2], 1.0, atol=1e-5)
+    assert list(index[:2]) == [4, 8] and best[2:].max() < 0.5  # rotated channels are not a copy
+    with pytest.raises(ValueError, match="shapes differ"):
+        nearest_ncc(synthetic[:, :2], real)
+
+
 def test_gate_counts_strictly_above_threshold_and_orders_closest_first():
     ncc = np.array([0.2, 0.96, 0.95, 0.99, 0.5])
     gate = privacy_gate(ncc, threshold=0.95, max_fraction=0.4)

@@ -4,9 +4,8 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
-from raysynth.study.metrics import (
+from raysynth.downstream.metrics import (
     classification_metrics,
     expected_calibration_error,
     reliability_curve,
@@ -17,13 +16,7 @@ BINARY = ["healthy", "lesion"]
 FOUR = ["a", "b", "c", "d"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: extra intra-op threads only contend with whatever else runs on the machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def one_hot_prob(pred, k, conf=0.9):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from raysynth.data.schema import ImageSet
-from raysynth.study.augment import build_classical_augment
-from raysynth.study.models import build_classifier, build_segmenter, fit_and_evaluate
+from raysynth.downstream.augment import build_classical_augment
+from raysynth.downstream.models import build_classifier, build_segmenter, fit_and_evaluate
 
 
 def squares(n, size=16, dims=2, seed=0):
@@ -30,12 +30,7 @@ def squares(n, size=16, dims=2, seed=0):
 COMMON = dict(batch_size=8, learning_rate=3e-3, width=8)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(

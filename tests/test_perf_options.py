@@ -3,7 +3,7 @@ pipeline whose actors serve several generators."""
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from raysynth.config import Config, apply_override, load_config
-from raysynth.diffusion import sample as sample_mod
-from raysynth.diffusion import train as train_mod
+from raysynth import artifacts
+from raysynth.stages import sample as sample_mod
 from raysynth.diffusion.networks import build_denoiser
-from raysynth.diffusion.sample import ShardSampler, sample_id
+from raysynth.artifacts import sample_id
+from raysynth.diffusion.sampler import ShardSampler
 from raysynth.diffusion.trainer import GeneratorFit
-from raysynth.layout import Layout, write_json
+from raysynth.artifacts import Layout, write_json
 
 TINY = ["diffusion.channels=[8, 16]", "sampling.steps=3", "sampling.batch_size=4", "sampling.shard_size=4"]
 
@@ -29,16 +30,12 @@ def tiny_cfg(*extra: str) -> Config:
 
 
 def legacy_digest(cfg: Config, *sections: str, drop: str) -> str:
-    """What ``Config.section_digest`` gave before the field ``section.name`` existed."""
+    """What ``Config.section_digest`` gave before the field ``section.name`` existed: the hash of
+    the sections' plain values, without that field."""
     section, name = drop.split(".")
-    c = dataclasses.replace(cfg)
-    for s in sections:
-        values = dataclasses.asdict(getattr(cfg, s))
-        if s == section:
-            del values[name]
-        old_type = dataclasses.make_dataclass(type(getattr(cfg, s)).__name__, list(values))
-        object.__setattr__(c, s, old_type(**values))
-    return c.section_digest(*sections)
+    plain = {s: getattr(cfg, s).to_dict() for s in sections}
+    del plain[section][name]
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def fake_generator(layout: Layout, cfg: Config, fold: int, fraction: float = 1.0, seed: int = 0) -> None:
@@ -46,9 +43,9 @@ def fake_generator(layout: Layout, cfg: Config, fold: int, fraction: float = 1.0
     torch.manual_seed(seed)
     model = build_denoiser(cfg.diffusion, dims=2, in_channels=1, image_size=cfg.data.image_size, num_classes=2)
     folder = layout.ddpm(fold, fraction)
-    model.save_pretrained(folder / train_mod.CHECKPOINT_DIR)
+    model.save_pretrained(folder / artifacts.CHECKPOINT_DIR)
     write_json(folder / "config.json", {"generator_id": f"test-f{fold}-p{fraction}-s{seed}", "fold": fold,
-                                        "fraction": fraction, "digest": train_mod.digest(cfg, fraction),
+                                        "fraction": fraction, "digest": artifacts.generator_digest(cfg, fraction),
                                         "process": cfg.diffusion.process, "diffusion": cfg.to_dict()["diffusion"],
                                         "num_classes": 2, "num_mask_classes": 0, "spacing": None})
 
@@ -58,33 +55,33 @@ def fake_generator(layout: Layout, cfg: Config, fold: int, fraction: float = 1.0
 
 def test_cpu_bf16_enters_the_sampling_digest_and_sizes_do_not():
     cfg = tiny_cfg()
-    base = sample_mod._sampling_digest(cfg)
-    assert sample_mod._sampling_digest(apply_override(cfg, "sampling.cpu_bf16=true")) != base
-    assert sample_mod._sampling_digest(apply_override(cfg, "sampling.steps=4")) != base
-    assert sample_mod._sampling_digest(apply_override(cfg, "sampling.num_samples=99")) == base
-    assert sample_mod._sampling_digest(apply_override(cfg, "sampling.batch_size=7")) == base
+    base = artifacts.sampling_digest(cfg)
+    assert artifacts.sampling_digest(apply_override(cfg, "sampling.cpu_bf16=true")) != base
+    assert artifacts.sampling_digest(apply_override(cfg, "sampling.steps=4")) != base
+    assert artifacts.sampling_digest(apply_override(cfg, "sampling.num_samples=99")) == base
+    assert artifacts.sampling_digest(apply_override(cfg, "sampling.batch_size=7")) == base
 
 
 def test_cpu_bf16_enters_the_generator_digest(tmp_path):
     cfg = tiny_cfg()
     on = apply_override(cfg, "diffusion.cpu_bf16=true")
-    assert train_mod.digest(on) != train_mod.digest(cfg)
-    assert train_mod.digest(on, 0.5) != train_mod.digest(cfg, 0.5)
+    assert artifacts.generator_digest(on) != artifacts.generator_digest(cfg)
+    assert artifacts.generator_digest(on, 0.5) != artifacts.generator_digest(cfg, 0.5)
     layout = Layout.at(tmp_path)
     fake_generator(layout, cfg, 0)
-    assert train_mod.is_complete(cfg, layout, 0)
-    assert not train_mod.is_complete(on, layout, 0)  # turning it on retrains the generator
+    assert artifacts.generator_complete(cfg, layout, 0)
+    assert not artifacts.generator_complete(on, layout, 0)  # turning it on retrains the generator
 
 
 def test_digests_of_runs_without_the_new_flags_are_unchanged():
     """Generators and samples made before cpu_bf16 existed stay up to date while it is off."""
     cfg = tiny_cfg("diffusion.learning_rate=0.001")
-    assert train_mod.digest(cfg) == legacy_digest(cfg, "data", "cv", "diffusion", drop="diffusion.cpu_bf16")
+    assert artifacts.generator_digest(cfg) == legacy_digest(cfg, "data", "cv", "diffusion", drop="diffusion.cpu_bf16")
     s = cfg.sampling
     kept = Config(sampling=type(s)(sampler=s.sampler, steps=s.steps, seed=s.seed))
-    assert sample_mod._sampling_digest(cfg) == legacy_digest(kept, "sampling", drop="sampling.cpu_bf16")
+    assert artifacts.sampling_digest(cfg) == legacy_digest(kept, "sampling", drop="sampling.cpu_bf16")
     # Other fields still count.
-    assert train_mod.digest(apply_override(cfg, "diffusion.learning_rate=0.002")) != train_mod.digest(cfg)
+    assert artifacts.generator_digest(apply_override(cfg, "diffusion.learning_rate=0.002")) != artifacts.generator_digest(cfg)
 
 
 # ---- bf16 sampling and training on CPU -------------------------------------------------------------
@@ -176,11 +173,11 @@ def test_a_2d_sampler_does_not_import_monai_or_the_preprocessing_stack(tmp_path)
     fake_generator(layout, tiny_cfg(), 0)
     code = f"""
 import json, sys
-from raysynth.diffusion.sample import ShardSampler
-from raysynth.diffusion.train import load_generator
-from raysynth.layout import Layout
+from raysynth.diffusion.checkpoint import load_generator
+from raysynth.diffusion.sampler import ShardSampler
+from raysynth.artifacts import Layout
 load_generator(Layout.at({str(layout.root)!r}), 0)
-print(json.dumps([m for m in ("monai", "raysynth.data.prepare", "sklearn", "nibabel") if m in sys.modules]))
+print(json.dumps([m for m in ("monai", "raysynth.stages.prepare", "sklearn", "nibabel") if m in sys.modules]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
@@ -220,9 +217,9 @@ def test_one_pipeline_writes_every_generators_shards(ray_session, tmp_path):
     for fold, fraction in keys:
         folder = layout.synthetic(fold, fraction)
         assert sorted(p.name for p in folder.glob("part-*.parquet")) == sorted(
-            sample_mod.shard_name(r["label"], r["lo"], r["hi"]) for r in requests if (r["fold"], r["fraction"]) == (fold, fraction))
+            artifacts.shard_name(r["label"], r["lo"], r["hi"]) for r in requests if (r["fold"], r["fraction"]) == (fold, fraction))
         own = ShardSampler(cfg.to_dict(), str(layout.root), fold, cpus=1, fraction=fraction)
-        stored = read_parquet([folder / sample_mod.shard_name(1, 0, 3)])
+        stored = read_parquet([folder / artifacts.shard_name(1, 0, 3)])
         np.testing.assert_array_equal(stored.images, own.generate(1, [0, 1, 2])[0])
 
 

@@ -13,7 +13,7 @@ import pytest
 from raysynth.cli import main
 from raysynth.config import load_config
 from raysynth.data.schema import checksum, read_parquet
-from raysynth.layout import Layout, read_json
+from raysynth.artifacts import Layout, read_json
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +119,7 @@ def test_growing_the_synthetic_set_keeps_the_first_samples(smoke_run):
 
 
 def test_any_sample_can_be_regenerated_from_the_manifest(smoke_run):
-    from raysynth.diffusion.sample import ShardSampler
+    from raysynth.diffusion.sampler import ShardSampler
 
     L = smoke_run
     cfg = load_config("smoke")

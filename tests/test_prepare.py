@@ -12,13 +12,15 @@ from PIL import Image
 
 from raysynth.config import load_config
 from raysynth.data.external import external_test_set
-from raysynth.data.prepare import load_prepared, prepare
+from raysynth.artifacts import read_prepared as load_prepared
+from raysynth.stages.prepare import prepare
 from raysynth.data.schema import read_parquet
 from raysynth.data.splits import make_splits
 from raysynth.errors import InputError, StageError
-from raysynth.layout import Layout, read_json
+from raysynth.artifacts import Layout, read_json
 
-DEV_SET = Path("/work/shared/data/brain-tumor-mri-4class/Training")
+# ../shared/data beside the checkout (read in place, never copied); the tests skip without it.
+DEV_SET = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor-mri-4class" / "Training"
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +115,7 @@ def test_prepare_is_idempotent(tmp_path, caplog):
     cfg, layout = config(), Layout.at(tmp_path / "out")
     prepare(cfg, layout)
     before = mtimes(layout)
-    with caplog.at_level("INFO", logger="raysynth.data.prepare"):
+    with caplog.at_level("INFO", logger="raysynth.stages.prepare"):
         prepare(cfg, layout)
     assert mtimes(layout) == before and "prepare: up to date" in caplog.text
     prepare(cfg, layout, force=True)
@@ -128,7 +130,7 @@ def test_prepare_is_idempotent(tmp_path, caplog):
 
 def test_load_prepared_before_prepare(tmp_path):
     with pytest.raises(StageError, match="prepare has not run"):
-        load_prepared(Layout.at(tmp_path / "nothing"))
+        load_prepared(Layout.at(tmp_path / "nothing"), config())
 
 
 def _pictures(root: Path, n: int = 3) -> Path:
@@ -161,7 +163,7 @@ def test_changed_source_folder_is_prepared_again(tmp_path):
     fp = prepare(cfg, layout)
     assert fp["source_kind"] == "images" and fp["num_records"] == 6
     assert {s["path"] for s in fp["sources"]} == {f"{c}/{i}.png" for c in ("left", "right") for i in range(3)}
-    records, _, _ = load_prepared(layout)
+    records, _, _ = load_prepared(layout, cfg)
     assert all(rid.startswith("s") and "png" not in rid for rid in records.ids)  # no file names in ids
     Image.fromarray(np.full((9, 9), 3, np.uint8) + np.eye(9, dtype=np.uint8)).save(src / "right" / "9.png")
     assert prepare(cfg, layout)["num_records"] == 7
@@ -177,8 +179,9 @@ def test_prepare_nifti_slices_keeps_volumes_together(tmp_path):
         lines.append(f"v{i}.nii.gz,{'ab'[i % 2]}")
     (src / "labels.csv").write_text("\n".join(lines) + "\n")
     layout = Layout.at(tmp_path / "out")
-    prepare(config(f"data.source={src}", "data.slices_per_volume=3"), layout)
-    records, fp, folds = load_prepared(layout)
+    cfg = config(f"data.source={src}", "data.slices_per_volume=3")
+    prepare(cfg, layout)
+    records, fp, folds = load_prepared(layout, cfg)
     assert len(records) == 18 and fp["num_subjects"] == 6 and records.images.shape[1:] == (16, 16)
     subject_of = dict(zip(records.ids, records.subjects))
     for fold in folds:
@@ -190,7 +193,7 @@ def test_prepare_3d_segmentation_phantom(tmp_path):
     cfg = config("data.dims=3", "data.num_scans=8", "data.task=segmentation")
     layout = Layout.at(tmp_path / "out")
     fp = prepare(cfg, layout)
-    records, _, _ = load_prepared(layout)
+    records, _, _ = load_prepared(layout, cfg)
     assert records.images.shape == (8, 16, 16, 16) and records.masks.shape == (8, 16, 16, 16)
     assert fp["mask_names"] == ["background", "csf", "grey_matter", "white_matter", "lesion"]
     assert fp["num_mask_classes"] == 5 and fp["shape"] == [16, 16, 16]
@@ -209,8 +212,11 @@ def test_external_test_set(tmp_path):
 @pytest.mark.skipif(not DEV_SET.is_dir(), reason=f"dev dataset not present at {DEV_SET}")
 def test_prepare_dev_dataset(tmp_path):
     layout = Layout.at(tmp_path / "out")
-    fp = prepare(config(f"data.source={DEV_SET}"), layout)
-    assert fp["num_records"] == 399 and fp["num_classes"] == 4 and fp["shape"] == [16, 16]
-    assert fp["counts"] == {"glioma_tumor": 100, "meningioma_tumor": 100, "no_tumor": 100, "pituitary_tumor": 99}
-    records, _, folds = load_prepared(layout)
+    cfg = config(f"data.source={DEV_SET}")
+    fp = prepare(cfg, layout)
+    on_disk = {d.name: sum(1 for f in d.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
+               for d in sorted(DEV_SET.iterdir()) if d.is_dir()}
+    assert fp["num_classes"] == len(on_disk) and fp["shape"] == [16, 16]
+    assert fp["counts"] == on_disk and fp["num_records"] == sum(on_disk.values())
+    records, _, folds = load_prepared(layout, cfg)
     assert len(folds) == 2 and records.images.min() >= -1 and records.images.max() <= 1

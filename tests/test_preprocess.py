@@ -8,7 +8,7 @@ import pytest
 from raysynth.config import DataConfig
 from raysynth.data.phantom import make_cohort
 from raysynth.data.preprocess import centre_pad_crop, normalise_intensity, preprocess
-from raysynth.data.sources import RawScan, RawSet
+from raysynth.data.raw import RawScan, RawSet
 from raysynth.errors import InputError
 
 

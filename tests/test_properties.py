@@ -1,8 +1,9 @@
 """Property-based tests (hypothesis): the config parser and the image/volume loaders.
 
 Config: every field takes random values of its type through a ``--set key=value`` override and
-round-trips through YAML; random unknown keys and wrong types are refused with a ConfigError that
-names the dotted path. Loaders: random pictures (sizes, modes L/RGB/RGBA/I;16, PNG/JPEG) in class
+round-trips through YAML, or a range or cross-field rule refuses the value (never its type) naming
+the field; random unknown keys and wrong types are refused with a ConfigError that names the
+dotted path. Loaders: random pictures (sizes, modes L/RGB/RGBA/I;16, PNG/JPEG) in class
 folders prepare to ``(N, S, S)`` in [-1, 1] with the folders' labels; random NIfTI volumes with
 random affines (axis order, flips, spacings, oblique rotations) preprocess to the target cube, and
 storing the same volume in another orientation gives the same model input.
@@ -13,7 +14,6 @@ fits CI on 2 loaded cores.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import string
@@ -30,6 +30,7 @@ import yaml
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from pydantic import BaseModel
 
 from raysynth.config import Config, ConfigError, apply_override, from_dict, load_config
 
@@ -44,14 +45,18 @@ FEW = settings(max_examples=12, deadline=None, suppress_health_check=[HealthChec
 # ---- the config tree, walked -------------------------------------------------------------------
 
 
+def _is_section(tp) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
 def _leaves(cls=Config, prefix: str = "") -> list[tuple[str, Any]]:
-    """``(dotted path, type)`` of every leaf field of the config tree."""
+    """``(dotted path, type)`` of every leaf field of the config tree (Annotated metadata stripped)."""
     hints = typing.get_type_hints(cls)
     out = []
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        path = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(tp):
+    for name in cls.model_fields:
+        tp = hints[name]
+        path = f"{prefix}{name}"
+        if _is_section(tp):
             out += _leaves(tp, path + ".")
         else:
             out.append((path, tp))
@@ -59,7 +64,7 @@ def _leaves(cls=Config, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 LEAVES = _leaves()
-SECTIONS = [f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(typing.get_type_hints(Config)[f.name])]
+SECTIONS = [name for name, info in Config.model_fields.items() if _is_section(info.annotation)]
 
 
 def _optional_inner(tp):
@@ -84,6 +89,9 @@ def valid_values(tp) -> st.SearchStrategy:
         return st.sampled_from(typing.get_args(tp))
     if origin is list:
         return st.lists(valid_values(typing.get_args(tp)[0]), max_size=5)
+    if origin is dict:
+        key, value = typing.get_args(tp)
+        return st.dictionaries(valid_values(key), valid_values(value), max_size=3)
     if tp is bool:
         return st.booleans()
     if tp is int:
@@ -118,6 +126,12 @@ def wrong_values(tp) -> st.SearchStrategy:
         bad_elem = wrong_values(elem).filter(lambda v: not isinstance(v, (list, dict)))
         return (ints | texts | mapping | st.booleans()
                 | st.tuples(st.lists(valid_values(elem), max_size=2), bad_elem).map(lambda t: t[0] + [t[1]]))
+    if origin is dict:
+        value = typing.get_args(tp)[1]
+        bad_value = wrong_values(value).filter(lambda v: not isinstance(v, (list, dict)))
+        return (ints | texts | st.booleans() | st.lists(ints, min_size=1, max_size=2)
+                | st.dictionaries(st.text(string.ascii_lowercase, min_size=1, max_size=4), bad_value,
+                                  min_size=1, max_size=2))
     if tp is bool:
         return ints | texts | floats | st.lists(st.booleans(), min_size=1, max_size=2) | st.none()
     if tp is int:
@@ -164,9 +178,19 @@ def field_and_value(draw, values=valid_values):
 
 @SETTINGS
 @given(field_and_value())
+@example(("diffusion.log_every", int, 7))
+@example(("robustness.label_map", dict[str, str], {"tumour": "lesion"}))
 def test_any_typed_value_round_trips_through_an_override_and_yaml(item):
+    """A value of the field's type is never refused for its type: it loads and round-trips, or a
+    range or cross-field rule (validated at construction) refuses it with one line naming the field."""
     path, _, value = item
-    cfg = apply_override(load_config("smoke"), f"{path}={as_yaml_value(value)}")
+    try:
+        cfg = apply_override(load_config("smoke"), f"{path}={as_yaml_value(value)}")
+    except ConfigError as exc:
+        message = str(exc)
+        assert path.rsplit(".", 1)[-1] in message and ": expected " not in message, (path, value, message)
+        assert "\n" not in message
+        return
     assert same(get(cfg, path), value)
     again = from_dict(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg and again.digest() == cfg.digest()
@@ -265,8 +289,8 @@ def test_unknown_keys_are_refused_with_their_dotted_path(section, key):
 
 def _known(section: str) -> set[str]:
     if not section:
-        return {f.name for f in dataclasses.fields(Config)}
-    return {f.name for f in dataclasses.fields(typing.get_type_hints(Config)[section])}
+        return set(Config.model_fields)
+    return set(Config.model_fields[section].annotation.model_fields)
 
 
 @SETTINGS
@@ -367,9 +391,9 @@ def _decoded_is_constant(path: Path) -> bool:
 @FEW
 @given(picture_sets())
 def test_prepare_gives_square_images_in_range_with_the_folder_labels(classes):
-    from raysynth.data.prepare import prepare
+    from raysynth.stages.prepare import prepare
     from raysynth.data.schema import read_parquet
-    from raysynth.layout import Layout, read_json
+    from raysynth.artifacts import Layout, read_json
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"

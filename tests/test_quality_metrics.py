@@ -61,6 +61,32 @@ def test_fd_fewer_samples_than_features_is_finite():
         assert np.isfinite(value) and value > 0
 
 
+def _fd_by_eigh(f1: np.ndarray, f2: np.ndarray, covariance: str) -> float:
+    """FD from scratch: Tr sqrt(S1 S2) = sum sqrt(eig(S1^1/2 S2 S1^1/2)), all symmetric, no sqrtm."""
+    from sklearn.covariance import LedoitWolf
+
+    cov = (lambda f: LedoitWolf().fit(f).covariance_) if covariance == "ledoit_wolf" else (lambda f: np.cov(f, rowvar=False))
+    s1, s2 = cov(f1), cov(f2)
+    w, v = np.linalg.eigh(s1)
+    r1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    d = f1.mean(0) - f2.mean(0)
+    return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum())
+
+
+@pytest.mark.parametrize("n1, n2, d, covariance", [
+    (300, 250, 8, "sample"), (300, 250, 8, "ledoit_wolf"), (20, 15, 64, "ledoit_wolf"),
+    (2, 3, 16, "ledoit_wolf"), (10, 12, 32, "sample"),  # rank-deficient: n <= F
+])
+def test_fd_matches_an_independent_eigendecomposition(n1, n2, d, covariance):
+    rng = np.random.default_rng(n1 + d)
+    a = rng.normal(size=(d, d)) / np.sqrt(d)
+    f1 = rng.normal(size=(n1, d)) @ a
+    f2 = rng.normal(size=(n2, d)) @ (a + 0.1 * rng.normal(size=(d, d)) / np.sqrt(d)) + 0.2
+    expected = _fd_by_eigh(f1, f2, covariance)
+    assert expected > 0.1
+    assert frechet_distance(f1, f2, covariance=covariance) == pytest.approx(expected, rel=1e-6)
+
+
 # ---- KID --------------------------------------------------------------------------------------
 
 def test_kid_same_distribution_near_zero_and_disjoint_large():
@@ -101,6 +127,38 @@ def test_precision_recall_small_n_reduces_k():
     assert effective_k(5, 3, 10) == 2
     p, r = precision_recall(_gauss(2, 3, 14), _gauss(2, 3, 14), k=5)
     assert (p, r) == (1.0, 1.0)
+
+
+def _precision_recall_brute(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    """Kynkaanniemi et al. by hand: all pairwise distances, radius = k-th smallest besides the point itself."""
+    dist = lambda a, b: np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+    r_real, r_fake = np.sort(dist(real, real), 1)[:, k], np.sort(dist(fake, fake), 1)[:, k]
+    precision = np.mean(np.any(dist(fake, real) <= r_real[None, :], axis=1))
+    recall = np.mean(np.any(dist(real, fake) <= r_fake[None, :], axis=1))
+    return float(precision), float(recall)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_precision_recall_matches_brute_force(seed):
+    # Feature widths either side of 15 (where sklearn switches from a k-d tree to brute force).
+    rng = np.random.default_rng(100 + seed)
+    n_real, n_fake, d = int(rng.integers(10, 60)), int(rng.integers(10, 60)), int(rng.choice([2, 5, 16, 40]))
+    real = rng.normal(size=(n_real, d))
+    fake = rng.normal(size=(n_fake, d)) * rng.uniform(0.8, 1.2) + rng.normal(0, 0.3)
+    k = effective_k(int(rng.integers(1, 8)), n_real, n_fake)
+    p, r = precision_recall(real, fake, k=k)
+    assert (p, r) == _precision_recall_brute(real, fake, k)
+    assert 0 < p < 1 or 0 < r < 1  # a case with something to get wrong
+
+
+@pytest.mark.parametrize("d", [4, 64])
+def test_precision_recall_exact_copies_of_duplicated_points_are_inside(d):
+    # Each real point twice, so k=1 gives radius 0: only an exact copy is inside, and it must be.
+    real = np.repeat(_gauss(10, d, 19) * 7.3, 2, axis=0)
+    copies = real[::2] + 0.0
+    assert precision_recall(real, copies, k=1) == (1.0, 1.0)
+    # ... and the balls have (next to) no size: sklearn's brute-force radii at high d carry ~1e-8 of round-off.
+    assert precision_recall(real, copies + 1e-4, k=1)[0] == 0.0
 
 
 # ---- validation -------------------------------------------------------------------------------

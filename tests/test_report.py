@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from raysynth.config import load_config
-from raysynth.data.prepare import prepare
-from raysynth.layout import Layout, read_json
-from raysynth.study.report import render_from_json, write_report
+from raysynth.artifacts import study_digest, write_json
+from raysynth.stages.prepare import prepare
+from raysynth.artifacts import Layout, read_json
+from raysynth.stages.report import render_from_json, write_report
 
 OVERRIDES = ["cv.folds=4", "study.arms=[baseline,classical,synthetic]", "study.real_fractions=[0.5,1.0]",
              "study.seeds=[0,1]"]
@@ -48,6 +49,7 @@ def _fake_study(cfg, layout: Layout) -> None:
     layout.study.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), layout.study / "results.parquet")
     pq.write_table(pa.Table.from_pylist(preds), layout.study / "predictions.parquet")
+    write_json(layout.study / "study.json", {"digest": study_digest(cfg)})  # what marks them current
 
 
 @pytest.fixture(scope="module")

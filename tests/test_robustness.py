@@ -16,11 +16,11 @@ from raysynth.config import ConfigError, load_config
 from raysynth.data.external import BUILTIN, external_source, relabel
 from raysynth.data.schema import ImageSet
 from raysynth.errors import InputError
-from raysynth.layout import Layout, read_json
-from raysynth.study.augment import CORRUPTIONS, build_corruption
-from raysynth.study.models import evaluate, fit_and_evaluate, load_network
-from raysynth.study.robust_aggregate import corruption_errors, overall_rows, reliability, severity_tests
-from raysynth.study.robustness import corrupt_test_part, corruption_seed
+from raysynth.artifacts import Layout, read_json
+from raysynth.downstream.augment import CORRUPTIONS, build_corruption
+from raysynth.downstream.models import evaluate, fit_and_evaluate, load_network
+from raysynth.analysis.robust_aggregate import corruption_errors, overall_rows, reliability, severity_tests
+from raysynth.downstream.robust_eval import corrupt_test_part, corruption_seed
 
 
 def _cfg(*overrides: str):

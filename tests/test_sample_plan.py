@@ -3,7 +3,10 @@
 import pytest
 
 from raysynth.config import apply_override, load_config
-from raysynth.diffusion.sample import class_counts, plan_requests, sample_seed, shard_name, SHARD_RE
+from raysynth.artifacts import SHARD_RE, shard_name
+from raysynth.design import class_counts
+from raysynth.diffusion.sampler import sample_seed
+from raysynth.stages.sample import plan_requests
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from raysynth.study.stats import holm, paired_comparison
+from raysynth.analysis.stats import holm, paired_comparison
 
 
 def sample(n=10, seed=0):

@@ -10,7 +10,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from raysynth.cli import main
-from raysynth.layout import Layout
+from raysynth.artifacts import Layout
 from raysynth.storage import RemoteOutput, StorageError, _within, is_uri, staging_dir, syncs_output
 
 FILES = {"prepared/data.parquet": b"p" * 3000, "prepared/splits.json": b"[1, 2]",

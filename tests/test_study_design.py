@@ -12,10 +12,11 @@ import pytest
 from raysynth.cli import main
 from raysynth.config import ConfigError, StudyConfig, load_config
 from raysynth.data.schema import ImageSet
-from raysynth.diffusion.sample import class_counts, sample_id
-from raysynth.layout import Layout, fraction_tag, read_json
-from raysynth.study.augment import ClassicalAugment
-from raysynth.study.design import (
+from raysynth.artifacts import sample_id
+from raysynth.design import class_counts
+from raysynth.artifacts import Layout, fraction_tag, read_json
+from raysynth.downstream.augment import ClassicalAugment
+from raysynth.design import (
     Condition, augment_for, conditions, first_per_class, generator_fractions, nested_subsets, synthetic_counts,
     training_set,
 )

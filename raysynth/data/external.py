@@ -21,9 +21,11 @@ from typing import Optional
 import numpy as np
 
 from raysynth.config import Config
+from raysynth.data.phantom import cohort_from_config
 from raysynth.data.preprocess import preprocess
+from raysynth.data.raw import RawSet
 from raysynth.data.schema import ImageSet
-from raysynth.data.sources import RawSet, load_source
+from raysynth.data.sources import load_source
 from raysynth.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -44,8 +46,6 @@ def external_source(cfg: Config) -> Optional[str]:
 def external_test_set(cfg: Config, num_scans: Optional[int] = None) -> ImageSet:
     """The built-in external test set: the embedded cohort seen by another simulated scanner,
     preprocessed like the main cohort. Only meaningful when the main data is the embedded cohort."""
-    from raysynth.data.phantom import cohort_from_config
-
     if cfg.data.source is not None:
         raise InputError("external_test_set: the built-in external set matches only the embedded "
                          f"cohort, but data.source is {cfg.data.source!r}")
@@ -80,7 +80,7 @@ def load_external(cfg: Config, fingerprint: dict) -> Optional[ImageSet]:
 
 
 def _load_raw(cfg: Config, source: str) -> RawSet:
-    data = dataclasses.replace(cfg.data, source=source)
+    data = cfg.data.replace(source=source)  # a validated copy (model_copy would skip validation)
     try:
         return load_source(data)
     except InputError as exc:

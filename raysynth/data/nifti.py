@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Optional, Sequence
 
 import nibabel as nib
 import numpy as np
 
+from raysynth.data.raw import grid_affine
+from raysynth.io import atomic_path
+
 # NIfTI codes: 1 = scanner anatomical, 2 = aligned anatomical. Synthetic volumes live in the
 # preprocessing grid (canonical RAS, isotropic), which is an aligned space, not a scanner's.
 ALIGNED_ANAT = 2
-
-
-def grid_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
-    """A RAS affine for a volume of ``shape`` (D, H, W) with ``spacing`` mm, centred on the origin."""
-    if len(shape) != 3 or len(spacing) != 3:
-        raise ValueError(f"grid_affine: need 3D shape and spacing, got {tuple(shape)} and {tuple(spacing)}")
-    affine = np.diag([float(s) for s in spacing] + [1.0])
-    affine[:3, 3] = -0.5 * (np.asarray(shape, dtype=float) - 1.0) * np.asarray(spacing, dtype=float)
-    return affine
 
 
 def _scrubbed(image: nib.Nifti1Image) -> nib.Nifti1Image:
@@ -49,8 +42,5 @@ def write_volume(path: str | os.PathLike, volume: np.ndarray, spacing: Sequence[
     if is_mask:
         img.header.set_intent("label")
     _scrubbed(img)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    nib.save(img, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)

@@ -33,7 +33,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from raysynth.data.sources import RawScan, RawSet
+from raysynth.data.raw import RawScan, RawSet, grid_affine
+from raysynth.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -306,8 +307,7 @@ def make_cohort(num_scans: int, image_size: int, dims: int = 2, *, lesion_fracti
     spacing = (voxel_mm,) * dims
     affine = None
     if dims == 3:  # RAS voxel axes, centred on the origin
-        affine = np.diag([*spacing, 1.0])
-        affine[:3, 3] = -(np.asarray(images.shape[1:]) - 1) / 2.0 * voxel_mm
+        affine = grid_affine(images.shape[1:], spacing)
     prefix = "x" if shifted else "s"  # external ids never collide with the cohort's
     scans = [
         RawScan(id=f"{prefix}{i:04d}", subject=f"{prefix}{i:04d}", label=int(labels[i]),
@@ -366,10 +366,7 @@ def _read_cache(path: Path) -> Optional[dict[str, np.ndarray]]:
 
 def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a concurrent reader sees the old or the whole new file
             np.savez(fh, **arrays)
-        tmp.replace(path)  # atomic: a concurrent reader sees the old file or the whole new one
     except OSError as exc:  # a read-only cache must not stop the run
         logger.warning("phantom: could not write cache %s (%s)", path, exc)

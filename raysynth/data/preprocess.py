@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from raysynth.data.raw import RawScan, RawSet
 from raysynth.data.schema import ImageSet
-from raysynth.data.sources import RawScan, RawSet
 from raysynth.errors import InputError
 
 logger = logging.getLogger(__name__)

@@ -35,6 +35,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raysynth.io import atomic_path
+
 IMAGE_DTYPE = np.dtype("<f4")
 MASK_DTYPE = np.dtype("u1")
 
@@ -198,11 +200,8 @@ def from_table(table: pa.Table) -> ImageSet:
 
 def write_parquet(data: ImageSet, path: str | Path, schema: pa.Schema = REAL_SCHEMA) -> None:
     """Write atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(to_table(data, schema), tmp, compression="zstd")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(to_table(data, schema), tmp, compression="zstd")
 
 
 def read_parquet(path: str | Path | Sequence[str | Path]) -> ImageSet:

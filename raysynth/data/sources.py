@@ -23,13 +23,16 @@ for the fingerprint only.
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
-from dataclasses import dataclass, field
+import os
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from raysynth.data.phantom import cohort_from_config
+from raysynth.data.raw import RawScan, RawSet
 from raysynth.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -41,38 +44,6 @@ MAX_VOXELS = 2**28
 MAX_MASK_LABEL = 15
 
 
-@dataclass
-class RawScan:
-    """One raw 2D image ``(H, W)`` or 3D volume ``(X, Y, Z)`` in scanner units (float32)."""
-
-    id: str
-    subject: str
-    label: int
-    image: np.ndarray
-    mask: Optional[np.ndarray] = None
-    """Integer label map of ``image.shape`` (uint8), or None."""
-    spacing: tuple[float, ...] = ()
-    affine: Optional[np.ndarray] = None
-    """NIfTI 4x4 voxel-to-RAS affine after reorientation (3D only)."""
-    source: Optional[str] = None
-    """Path relative to ``data.source``. Kept for the fingerprint; never copied to outputs."""
-
-
-@dataclass
-class RawSet:
-    scans: list[RawScan]
-    class_names: list[str]
-    mask_names: Optional[list[str]]
-    kind: str
-    """``phantom``, ``phantom-shifted``, ``images`` or ``nifti``."""
-    skipped: list[str] = field(default_factory=list)
-    """Relative paths left out under ``bad_files="skip"``."""
-
-    @property
-    def labels(self) -> np.ndarray:
-        return np.asarray([s.label for s in self.scans], dtype=np.int64)
-
-
 class _BadFile(InputError):
     """A file that cannot be used; ``bad_files="skip"`` leaves it out instead of stopping."""
 
@@ -81,8 +52,6 @@ def load_source(data_cfg) -> RawSet:
     """Load ``data_cfg.source`` (see the module docstring). Raises :class:`InputError` naming the
     file or cause for anything unusable."""
     if data_cfg.source is None:
-        from raysynth.data.phantom import cohort_from_config
-
         return cohort_from_config(data_cfg)
     root = Path(data_cfg.source).expanduser()
     if not root.exists():
@@ -344,3 +313,19 @@ def _check_mask(mask: np.ndarray, shape: tuple[int, ...], rel: str) -> np.ndarra
     elif values.min() < 0 or values.max() > MAX_MASK_LABEL:
         raise InputError(f"{rel}: mask labels {values.min():g}..{values.max():g} are outside 0..{MAX_MASK_LABEL}")
     return mask.astype(np.uint8)
+
+
+def source_signature(source: Optional[str]) -> Optional[str]:
+    """A hash of every file's path, size and mtime under ``source`` (None for the embedded cohort):
+    the config digest alone cannot see files added to or changed in the folder."""
+    if source is None:
+        return None
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        return None  # load_source reports the missing folder
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = path.stat()
+        # fsencode: a file name need not be valid UTF-8 (surrogate escapes would not encode).
+        h.update(os.fsencode(path.relative_to(root)) + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]

@@ -1,6 +1,6 @@
 """One generator's fit: denoiser, EMA, optimiser, noise process, and a single training step.
 
-Shared by the Ray Train worker (``train.py``) and the Ray Tune search trials (``tune.py``), so
+Shared by the Ray Train worker (``worker.py``) and the Ray Tune search trials (``tune_trial.py``), so
 that a tuned configuration trains exactly as it was scored.
 """
 
@@ -11,15 +11,17 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+from diffusers.training_utils import EMAModel
 
 from raysynth.config import DiffusionConfig
 from raysynth.data.schema import ImageSet
+from raysynth.diffusion.channels import encode_joint
+from raysynth.diffusion.networks import build_denoiser
+from raysynth.diffusion.process import build_process
 
 
 def training_tensors(data: ImageSet, num_mask_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x0 (N, C, *S)`` in [-1, 1] (image, plus one-hot mask channels for segmentation) and labels ``(N,)``."""
-    from raysynth.diffusion.channels import encode_joint
-
     masks = torch.from_numpy(data.masks) if num_mask_classes else None
     x0 = encode_joint(torch.from_numpy(data.images), masks, num_mask_classes)
     labels = torch.from_numpy(data.labels).long()
@@ -32,11 +34,6 @@ class GeneratorFit:
 
     def __init__(self, cfg: DiffusionConfig, *, dims: int, in_channels: int, image_size: int, num_classes: int,
                  device: torch.device | str = "cpu") -> None:
-        from diffusers.training_utils import EMAModel
-
-        from raysynth.diffusion.networks import build_denoiser
-        from raysynth.diffusion.process import build_process
-
         self.cfg = cfg
         self.device = torch.device(device)
         self.process = build_process(cfg)

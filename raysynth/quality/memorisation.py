@@ -18,13 +18,14 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+from sklearn.metrics import pairwise_distances_argmin_min
 
 FeatureMetric = Literal["cosine", "l2"]
 FEATURE_METRICS = ("cosine", "l2")
 
 
 def _normalise_rows(images: np.ndarray) -> np.ndarray:
-    """Flatten to ``(N, P)`` float32 with zero mean and unit L2 norm per row.
+    """Flatten every non-batch axis (channels too) to ``(N, P)`` float32, zero mean and unit L2 norm per row.
 
     A constant image has no defined correlation; its row stays all zero so that its NCC with
     anything is 0 (it cannot be flagged as a copy of a textured image, nor vice versa).
@@ -39,10 +40,13 @@ def nearest_ncc(synthetic: np.ndarray, real: np.ndarray, chunk_size: int = 256) 
     """For each synthetic image, the highest NCC with any real image, and that image's index.
 
     NCC(a, b) = <a - mean(a), b - mean(b)> / (||a - mean(a)|| ||b - mean(b)||), in [-1, 1].
+    A normalised-correlation search is one matrix product of unit rows, so it stays in numpy.
 
     Args:
-        synthetic: ``(M, *spatial)`` images.
-        real: ``(N, *spatial)`` images with the same spatial shape, N >= 1.
+        synthetic: ``(M, *spatial)`` images, or ``(M, C, *spatial)`` with C channels: every
+            non-batch axis is flattened, so a multi-channel image is one vector (one mean, one norm
+            over all its channels) and NCC stays invariant to one affine intensity change of it.
+        real: ``(N, ...)`` images with the same non-batch shape, N >= 1.
         chunk_size: synthetic rows per matrix product; bounds memory at ``chunk_size * N`` floats
             besides the normalised real matrix ``(N, P)`` float32.
 
@@ -51,9 +55,10 @@ def nearest_ncc(synthetic: np.ndarray, real: np.ndarray, chunk_size: int = 256) 
     """
     synthetic, real = np.asarray(synthetic), np.asarray(real)
     if synthetic.ndim < 2 or real.ndim < 2:
-        raise ValueError(f"expected (N, *spatial) arrays, got synthetic {synthetic.shape} and real {real.shape}")
+        raise ValueError(f"expected (N, *spatial) or (N, C, *spatial) arrays, got synthetic {synthetic.shape} "
+                         f"and real {real.shape}")
     if synthetic.shape[1:] != real.shape[1:]:
-        raise ValueError(f"spatial shapes differ: synthetic {synthetic.shape[1:]} vs real {real.shape[1:]}")
+        raise ValueError(f"image shapes differ: synthetic {synthetic.shape[1:]} vs real {real.shape[1:]}")
     if len(real) == 0:
         raise ValueError("real: at least one real image is needed")
     if chunk_size < 1:
@@ -91,16 +96,12 @@ def nearest_feature(
         raise ValueError(f"expected (M, F) and (N, F) features, got {s.shape} and {r.shape}")
     if len(r) == 0:
         raise ValueError("real_f: at least one real feature vector is needed")
-    if metric == "cosine":
-        sn = s / np.maximum(np.linalg.norm(s, axis=1, keepdims=True), 1e-12)
-        rn = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
-        sim = sn @ rn.T
-        j = np.argmax(sim, axis=1)
-        return sim[np.arange(len(s)), j], j.astype(np.int64)
-    # ||s - r||^2 = |s|^2 + |r|^2 - 2 s.r, clipped at 0 against round-off.
-    d2 = (s * s).sum(1)[:, None] + (r * r).sum(1)[None, :] - 2.0 * s @ r.T
-    j = np.argmin(d2, axis=1)
-    return np.sqrt(np.maximum(d2[np.arange(len(s)), j], 0.0)), j.astype(np.int64)
+    if len(s) == 0:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    # sklearn chunks the (M, N) distance matrix by its working memory; argmin takes the first of ties.
+    j, d = pairwise_distances_argmin_min(s, r, metric="cosine" if metric == "cosine" else "euclidean")
+    # Cosine distance is 1 - similarity (a zero vector has similarity 0 with anything, as before).
+    return (1.0 - d if metric == "cosine" else d).astype(np.float64), j.astype(np.int64)
 
 
 def privacy_gate(best_ncc: np.ndarray, threshold: float = 0.95, max_fraction: float = 0.01,

@@ -1,4 +1,4 @@
-"""The prepare stage: real inputs -> ``OUT/prepared/{data.parquet, fingerprint.json, splits.json}``.
+"""Stage ``prepare``: real inputs -> ``OUT/prepared/{data.parquet, fingerprint.json, splits.json, subsets.json}``.
 
 Idempotent (nnU-Net style): when all three files exist, the fingerprint's config digest matches
 the ``data`` and ``cv`` sections and the source folder is unchanged, the stage does nothing.
@@ -10,23 +10,22 @@ a complete stage, so a crash in between leaves a stage that reruns rather than o
 from __future__ import annotations
 
 import datetime
-import hashlib
 import logging
-import os
 import time
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 import raysynth
+from raysynth.artifacts import Layout, fraction_key, prepared_digest, read_json
 from raysynth.config import Config
 from raysynth.data.preprocess import preprocess
+from raysynth.data.raw import RawSet
 from raysynth.data.schema import ImageSet, read_parquet, write_parquet
-from raysynth.data.sources import RawSet, load_source
+from raysynth.data.sources import load_source, source_signature
 from raysynth.data.splits import make_splits
-from raysynth.errors import StageError
-from raysynth.layout import Layout, read_json, write_json
+from raysynth.design import scarcity_subsets
+from raysynth.io import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +34,12 @@ _PERCENTILES = (0.5, 1.0, 50.0, 99.0, 99.5)
 
 def prepare(cfg: Config, layout: Layout, force: bool = False) -> dict:
     """Run the prepare stage and return the fingerprint (see the module docstring)."""
-    digest = cfg.section_digest("data", "cv")
+    digest = prepared_digest(cfg)
     signature = source_signature(cfg.data.source)
     if not force:
         current = _up_to_date(layout, digest, signature)
         if current is not None:
+            _write_subsets(cfg, layout, current_only=True)
             logger.info("prepare: up to date (%s)", layout.prepared)
             return current
     start = time.perf_counter()
@@ -56,39 +56,35 @@ def prepare(cfg: Config, layout: Layout, force: bool = False) -> dict:
     layout.fingerprint.unlink(missing_ok=True)  # from here until the end, the stage reads as not done
     write_parquet(records, layout.data_parquet)
     write_json(layout.splits, splits)
+    _write_subsets(cfg, layout, records=records, folds=folds)
     write_json(layout.fingerprint, fingerprint)
     logger.info("prepare: wrote %d records, %d folds to %s in %.1f s", len(records), len(folds),
                 layout.prepared, time.perf_counter() - start)
     return fingerprint
 
 
-def load_prepared(layout: Layout, cfg: Optional[Config] = None) -> tuple[ImageSet, dict, list[dict]]:
-    """The prepared records, fingerprint and folds. With ``cfg``, also checks they were made from
-    its ``data`` and ``cv`` sections. Raises :class:`StageError` when prepare has not run."""
-    missing = [p for p in (layout.fingerprint, layout.data_parquet, layout.splits) if not p.is_file()]
-    if missing:
-        raise StageError(f"prepare has not run: {missing[0]} is missing; run the prepare stage first")
-    fingerprint = read_json(layout.fingerprint)
-    if cfg is not None and fingerprint.get("config_digest") != cfg.section_digest("data", "cv"):
-        raise StageError(f"{layout.prepared} was prepared with another data/cv config "
-                         f"(digest {fingerprint.get('config_digest')}); rerun prepare")
-    return read_parquet(layout.data_parquet), fingerprint, read_json(layout.splits)["folds"]
-
-
-def source_signature(source: Optional[str]) -> Optional[str]:
-    """A hash of every file's path, size and mtime under ``source`` (None for the embedded cohort):
-    the config digest alone cannot see files added to or changed in the folder."""
-    if source is None:
-        return None
-    root = Path(source).expanduser()
-    if not root.is_dir():
-        return None  # load_source reports the missing folder
-    h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        stat = path.stat()
-        # fsencode: a file name need not be valid UTF-8 (surrogate escapes would not encode).
-        h.update(os.fsencode(path.relative_to(root)) + f"\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
+def _write_subsets(cfg: Config, layout: Layout, *, records: Optional[ImageSet] = None,
+                   folds: Optional[list[dict]] = None, current_only: bool = False) -> None:
+    """``subsets.json``: nested real subsets of every fold's training part for 1.0 and every
+    ``study.real_fractions``. Fractions already on file for the same splits are kept (a subset
+    never depends on the other fractions), so raising the list adds subsets without moving any.
+    ``current_only``: the rest of prepare is up to date; only add missing fractions."""
+    if records is None:
+        records = read_parquet(layout.data_parquet)
+    if folds is None:
+        folds = read_json(layout.splits)["folds"]
+    wanted = sorted(set(cfg.study.real_fractions) | {1.0})
+    old = read_json(layout.subsets) if layout.subsets.is_file() else None
+    same_splits = old is not None and old.get("seed") == cfg.cv.seed and \
+        [f["test"] for f in old.get("folds", [])] == [f["test"] for f in folds]
+    if current_only and same_splits and all(fraction_key(p) in f["subsets"] for f in old["folds"] for p in wanted):
+        return
+    record = scarcity_subsets(cfg, folds, dict(zip(records.ids, records.labels.tolist())),
+                              dict(zip(records.ids, records.subjects)), wanted)
+    if same_splits:
+        for new, prev in zip(record["folds"], old["folds"]):
+            new["subsets"] = {**prev["subsets"], **new["subsets"]}
+    write_json(layout.subsets, record)
 
 
 def _up_to_date(layout: Layout, digest: str, signature: Optional[str]) -> Optional[dict]:

@@ -8,7 +8,6 @@ torch RNG state and thread count untouched.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +22,8 @@ from monai.networks.nets import UNet
 from torch import nn
 
 from raysynth.data.schema import ImageSet
-from raysynth.study.metrics import classification_metrics, segmentation_metrics
+from raysynth.downstream.metrics import classification_metrics, segmentation_metrics
+from raysynth.io import atomic_path
 
 TASKS = ("classification", "segmentation")
 NORMS = ("batch", "instance")
@@ -94,12 +94,9 @@ class NetworkSpec:
 
 def save_network(model: nn.Module, spec: NetworkSpec, path: str | Path) -> None:
     """Write ``{"spec", "state_dict"}`` atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"spec": asdict(spec), "state_dict": state}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"spec": asdict(spec), "state_dict": state}, tmp)
 
 
 def load_network(path: str | Path, device: str = "cpu") -> tuple[nn.Module, NetworkSpec]:

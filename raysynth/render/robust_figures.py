@@ -10,7 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from raysynth.study.figures import _label, decode_images, plt, png_bytes
+from raysynth.render.figures import decode_images, plt, png_bytes
+from raysynth.render.text import metric_label
 
 
 def _colours(conditions: Sequence[str]) -> dict[str, tuple]:
@@ -48,9 +49,9 @@ def severity_curves_png(curves: dict, metric: str, conditions: Sequence[str]) ->
                 ax.set_title(c, fontsize=8)
             if row == len(fractions) - 1:
                 ax.set_xlabel("severity", fontsize=7)
-        axes[row, 0].set_ylabel(f"{_label(metric)}\nreal data {float(p):.0%}", fontsize=7)
+        axes[row, 0].set_ylabel(f"{metric_label(metric)}\nreal data {float(p):.0%}", fontsize=7)
     fig.legend(fontsize=7, loc="outside right upper")
-    fig.suptitle(f"{_label(metric)} on corrupted test parts (mean over splits, corrected 95% CI)", fontsize=9)
+    fig.suptitle(f"{metric_label(metric)} on corrupted test parts (mean over splits, corrected 95% CI)", fontsize=9)
     return png_bytes(fig)
 
 
@@ -70,7 +71,7 @@ def mce_png(mce: dict, metric: str) -> bytes:
         ax.set_title(f"real data {float(p):.0%}", fontsize=9)
     axes[0, 0].set_ylabel("relative to baseline")
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"mean corruption error of {_label(metric)} (ImageNet-C style; baseline = 1)", fontsize=9)
+    fig.suptitle(f"mean corruption error of {metric_label(metric)} (ImageNet-C style; baseline = 1)", fontsize=9)
     return png_bytes(fig)
 
 
@@ -100,8 +101,8 @@ def external_scatter_png(internal: dict, external: dict, metric: str, conditions
         ax.plot([lo, hi], [lo, hi], color="grey", ls="--", lw=0.8)
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
-    ax.set_xlabel(f"{_label(metric)}, internal test parts")
-    ax.set_ylabel(f"{_label(metric)}, external test set")
+    ax.set_xlabel(f"{metric_label(metric)}, internal test parts")
+    ax.set_ylabel(f"{metric_label(metric)}, external test set")
     ax.set_title("internal against external (mean over splits, corrected 95% CI)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))

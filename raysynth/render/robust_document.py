@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from raysynth.study.document import ALPHA, _fmt, _pct
-from raysynth.study.html import Block, Bullets, Figure, Heading, Paragraph, Table
+from raysynth.render.html import Block, Bullets, Figure, Heading, Paragraph, Table
+from raysynth.render.text import ALPHA, fmt, pct
 
 
 def _verdict(p: float) -> str:
@@ -19,7 +19,7 @@ def how_to_read(rb: dict) -> list[str]:
     return [
         f"Every trained network of the study is scored, without retraining, on its split's real test part corrupted "
         f"with {', '.join(rb['corruptions'])} at severities {sev} (MONAI transforms; the schedules are in "
-        "raysynth.study.augment). The corruption draws depend only on the split, corruption and severity, so every "
+        "raysynth.downstream.augment). The corruption draws depend only on the split, corruption and severity, so every "
         "condition and seed sees the same corrupted images and the comparisons stay paired by split.",
         f"Severity curves: {rb['primary']} against severity (0 is the clean test part). A flatter curve is a sturdier "
         "model; curves that start apart and run parallel differ in accuracy, not robustness.",
@@ -38,8 +38,8 @@ def _mce_table(rb: dict) -> Table:
     rows = []
     for p in sorted(rb["mce"], key=float, reverse=True):
         for c, r in rb["mce"][p].items():
-            rows.append((_pct(p), c, _fmt(r["mce"]), _fmt(r["relative_mce"]), _fmt(r["clean_error"]),
-                         *[_fmt(r["ce"].get(k)) for k in corruptions]))
+            rows.append((pct(p), c, fmt(r["mce"]), fmt(r["relative_mce"]), fmt(r["clean_error"]),
+                         *[fmt(r["ce"].get(k)) for k in corruptions]))
     return Table(("real data", "condition", "mCE", "relative mCE", "clean error", *[f"CE {k}" for k in corruptions]),
                  tuple(rows), f"error = 1 - {rb['primary']}; baseline = 1 by definition")
 
@@ -51,9 +51,9 @@ def _comparison_rows(block: dict, metric: str, prefix: tuple) -> list[tuple]:
             r = by_metric.get(metric, {})
             if "mean_diff" not in r:
                 continue
-            rows.append((*prefix, _pct(p), c, str(r["n"]), f"{r['mean_diff']:+.3f}",
-                         f"[{_fmt(r['nb_ci_low'])}, {_fmt(r['nb_ci_high'])}]", _fmt(r.get("nb_p")),
-                         _fmt(r.get("nb_p_holm")), _fmt(r.get("t_p"))))
+            rows.append((*prefix, pct(p), c, str(r["n"]), f"{r['mean_diff']:+.3f}",
+                         f"[{fmt(r['nb_ci_low'])}, {fmt(r['nb_ci_high'])}]", fmt(r.get("nb_p")),
+                         fmt(r.get("nb_p_holm")), fmt(r.get("t_p"))))
     return rows
 
 
@@ -70,19 +70,19 @@ def findings(rb: dict) -> list[str]:
             r = by_metric.get(m, {})
             if "mean_diff" in r:
                 mce = rb.get("mce", {}).get(p, {}).get(c, {})
-                out.append(f"Corrupted test parts, real data {_pct(p)}, {c}: {m} averaged over all corruptions "
+                out.append(f"Corrupted test parts, real data {pct(p)}, {c}: {m} averaged over all corruptions "
                            f"{r['mean_b']:.3f} against baseline {r['mean_a']:.3f} ({r['mean_diff']:+.3f}, corrected "
-                           f"95% CI {_fmt(r['nb_ci_low'])} to {_fmt(r['nb_ci_high'])}, Holm p = "
-                           f"{_fmt(r.get('nb_p_holm'))}: {_verdict(r.get('nb_p_holm'))}); mCE {_fmt(mce.get('mce'))}, "
-                           f"relative mCE {_fmt(mce.get('relative_mce'))}.")
+                           f"95% CI {fmt(r['nb_ci_low'])} to {fmt(r['nb_ci_high'])}, Holm p = "
+                           f"{fmt(r.get('nb_p_holm'))}: {_verdict(r.get('nb_p_holm'))}); mCE {fmt(mce.get('mce'))}, "
+                           f"relative mCE {fmt(mce.get('relative_mce'))}.")
     ext = rb.get("external", {}).get("comparisons", {})
     for p in sorted(ext, key=float, reverse=True):
         for c, by_metric in ext[p].items():
             r = by_metric.get(m, {})
             if "mean_diff" in r:
-                out.append(f"External test set, real data {_pct(p)}, {c}: {m} {r['mean_b']:.3f} against baseline "
-                           f"{r['mean_a']:.3f} ({r['mean_diff']:+.3f}, corrected 95% CI {_fmt(r['nb_ci_low'])} to "
-                           f"{_fmt(r['nb_ci_high'])}, Holm p = {_fmt(r.get('nb_p_holm'))}: "
+                out.append(f"External test set, real data {pct(p)}, {c}: {m} {r['mean_b']:.3f} against baseline "
+                           f"{r['mean_a']:.3f} ({r['mean_diff']:+.3f}, corrected 95% CI {fmt(r['nb_ci_low'])} to "
+                           f"{fmt(r['nb_ci_high'])}, Holm p = {fmt(r.get('nb_p_holm'))}: "
                            f"{_verdict(r.get('nb_p_holm'))}).")
     return out
 
@@ -92,8 +92,8 @@ def _external_table(rb: dict, metrics: list[str]) -> Table:
     summary = rb["external"]["summary"]
     for p in sorted(summary, key=float, reverse=True):
         for c, cell in summary[p].items():
-            rows.append((_pct(p), c, *[f"{_fmt(cell[m]['mean'])} [{_fmt(cell[m]['nb_ci_low'])}, "
-                                       f"{_fmt(cell[m]['nb_ci_high'])}]" if m in cell else "n/a" for m in metrics]))
+            rows.append((pct(p), c, *[f"{fmt(cell[m]['mean'])} [{fmt(cell[m]['nb_ci_low'])}, "
+                                       f"{fmt(cell[m]['nb_ci_high'])}]" if m in cell else "n/a" for m in metrics]))
     return Table(("real data", "condition", *metrics), tuple(rows),
                  "external test set: mean over splits (seed-averaged) [corrected 95% CI]")
 
@@ -107,7 +107,7 @@ def _calibration_table(rb: dict) -> Table:
         for c in sorted(set(cal.get("clean", {}).get(p, {})) | set(cal.get("external", {}).get(p, {}))):
             per_split = [(s.get(p, {}).get(c, {}).get("ece") or {}).get("mean") for s in (clean_summary, ext_summary)]
             pooled = [cal.get(w, {}).get(p, {}).get(c, {}).get("ece") for w in ("clean", "external")]
-            rows.append((_pct(p), c, _fmt(per_split[0]), _fmt(pooled[0]), _fmt(per_split[1]), _fmt(pooled[1])))
+            rows.append((pct(p), c, fmt(per_split[0]), fmt(pooled[0]), fmt(per_split[1]), fmt(pooled[1])))
     return Table(("real data", "condition", "ECE internal (mean over splits)", "ECE internal (pooled)",
                   "ECE external (mean over splits)", "ECE external (pooled)"), tuple(rows),
                  "expected calibration error, equal-width top-label confidence bins; lower is better")

@@ -27,13 +27,15 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from raysynth.config import Config
+from raysynth.artifacts import fraction_key, sample_index
+from raysynth.config import Config, StudyConfig
+from raysynth.data.schema import ImageSet
+from raysynth.downstream.augment import build_classical_augment
 from raysynth.errors import StageError
-from raysynth.layout import Layout, read_json, write_json
 from raysynth.runtime import derive_seed
 
-SYNTHETIC_ARMS = ("synthetic", "synthetic+classical", "synthetic_only")
-CLASSICAL_ARMS = ("classical", "synthetic+classical")
+SYNTHETIC_ARMS = StudyConfig.SYNTHETIC_ARMS
+CLASSICAL_ARMS = StudyConfig.CLASSICAL_ARMS
 BASELINE = "baseline"
 
 
@@ -84,11 +86,6 @@ def generator_fractions(cfg: Config) -> list[float]:
     return [1.0] + smaller
 
 
-def fraction_key(fraction: float) -> str:
-    """The JSON key of a fraction: "1", "0.25"."""
-    return f"{fraction:g}"
-
-
 # ---- scarcity subsets -------------------------------------------------------------------------
 
 def nested_subsets(train_ids: list[str], labels_by_id: dict[str, int], subjects_by_id: dict[str, str],
@@ -116,39 +113,80 @@ def _share(fraction: float, n: int) -> int:
     return n if fraction >= 1.0 else max(1, min(n, math.floor(fraction * n + 0.5)))
 
 
-def scarcity_subsets(cfg: Config, layout: Layout, splits: list[dict], labels_by_id: dict[str, int],
-                     subjects_by_id: dict[str, str]) -> dict[int, dict[float, list[str]]]:
-    """The real training subset of every (fold, fraction), recorded in ``prepared/subsets.json``.
+def scarcity_subsets(cfg: Config, splits: list[dict], labels_by_id: dict[str, int],
+                     subjects_by_id: dict[str, str], fractions: Optional[list[float]] = None) -> dict:
+    """The ``subsets.json`` record: the real training subset of every (fold, fraction).
 
-    Deterministic from the splits and ``cv.seed``; the file is rewritten only when its content
-    would change (new fractions, or new splits), so a fraction's subset is stable across runs.
+    Deterministic from the splits and ``cv.seed``: a fraction's subset does not depend on which
+    other fractions are asked for, so prepare can add fractions to the record without moving any.
+    ``fractions`` default to 1 and ``study.real_fractions``.
     """
-    fractions = sorted(set(cfg.study.real_fractions) | {1.0})
-    out = {}
+    fractions = sorted(set(cfg.study.real_fractions if fractions is None else fractions) | {1.0})
+    folds = []
     for split in splits:
         k = int(split["fold"])
-        out[k] = nested_subsets(list(split["train"]), labels_by_id, subjects_by_id, fractions,
-                                seed=derive_seed(cfg.cv.seed, k, 17) % 2**32)
-    record = {
+        by_p = nested_subsets(list(split["train"]), labels_by_id, subjects_by_id, fractions,
+                              seed=derive_seed(cfg.cv.seed, k, 17) % 2**32)
+        folds.append({"fold": k, "test": list(split["test"]), "subsets": {fraction_key(p): ids for p, ids in by_p.items()}})
+    return {
         "method": "per fold: each class's subjects in one seeded order; fraction p keeps the first "
                   "round(p x n_class) subjects (>= 1), so subsets are nested and stratified",
         "seed": cfg.cv.seed,
-        "folds": [{"fold": k, "test": list(next(s for s in splits if int(s["fold"]) == k)["test"]),
-                   "subsets": {fraction_key(p): ids for p, ids in by_p.items()}} for k, by_p in sorted(out.items())],
+        "folds": sorted(folds, key=lambda f: f["fold"]),
     }
-    # Keep any other fractions already on file: they are recomputed the same way, so still valid.
-    if layout.subsets.is_file():
-        old = read_json(layout.subsets)
-        if old.get("seed") == cfg.cv.seed and [f["test"] for f in old.get("folds", [])] == [f["test"] for f in record["folds"]]:
-            for new, prev in zip(record["folds"], old["folds"]):
-                new["subsets"] = {**prev["subsets"], **new["subsets"]}
-            if old == record:
-                return out
-    write_json(layout.subsets, record)
-    return out
+
+
+def generator_train_ids(cfg: Config, fold: dict, labels_by_id: dict[str, int]) -> list[str]:
+    """The real ids fold k's generator may see: ``fold["train"]`` (the fold's training part, or
+    one real fraction's subset of it), optionally capped.
+
+    The cap (``diffusion.max_train_images``; the paper trained on 350 scans) keeps the class
+    proportions and is seeded, so the same fold always gets the same subset.
+    """
+    from sklearn.model_selection import train_test_split
+
+    train = list(fold["train"])
+    cap = cfg.diffusion.max_train_images
+    if cap is None or cap >= len(train):
+        return train
+    labels = [labels_by_id[i] for i in train]
+    kept, _ = train_test_split(
+        train, train_size=cap, stratify=labels, random_state=derive_seed(cfg.seed, fold["fold"], 7) % 2**31
+    )
+    return sorted(kept)
 
 
 # ---- synthetic counts and training sets -------------------------------------------------------
+
+def largest_remainder(weights: dict[int, float], total: int) -> dict[int, int]:
+    """``total`` split over keys in proportion to ``weights``, rounding by largest remainder (ties:
+    the smaller key first), so the parts add up to ``total`` exactly."""
+    norm = sum(weights.values())
+    exact = {c: total * w / norm for c, w in weights.items()}
+    counts = {c: int(math.floor(v)) for c, v in exact.items()}
+    for c in sorted(exact, key=lambda c: (counts[c] - exact[c], c))[: total - sum(counts.values())]:
+        counts[c] += 1
+    return counts
+
+
+def class_counts(cfg: Config, real_counts: dict[int, int], num_samples: Optional[int],
+                 ratio: Optional[float] = None) -> dict[int, int]:
+    """How many synthetic samples each class gets.
+
+    ``balanced``: every class gets ``ratio x`` the largest real class (or an equal share of
+    ``num_samples``), which also rebalances a skewed real set. ``proportional``: each class gets
+    ``ratio x`` its own real count (or its share of ``num_samples``). ``ratio`` defaults to
+    ``sampling.ratio``.
+    """
+    classes = sorted(real_counts)
+    total = cfg.sampling.num_samples if num_samples is None else num_samples
+    if total is None:
+        return synthetic_counts(real_counts, cfg.sampling.ratio if ratio is None else ratio, cfg.sampling.class_balance)
+    if cfg.sampling.class_balance == "balanced":
+        base, extra = divmod(total, len(classes))
+        return {c: base + (1 if i < extra else 0) for i, c in enumerate(classes)}
+    return largest_remainder({c: real_counts[c] for c in classes}, total)
+
 
 def synthetic_counts(real_counts: dict[int, int], ratio: float, class_balance: str) -> dict[int, int]:
     """``n_c(ratio)`` per class: ``ratio x`` the largest real class (``balanced``) or ``ratio x``
@@ -157,11 +195,6 @@ def synthetic_counts(real_counts: dict[int, int], ratio: float, class_balance: s
         top = max(real_counts.values())
         return {c: int(round(ratio * top)) for c in sorted(real_counts)}
     return {c: int(round(ratio * real_counts[c])) for c in sorted(real_counts)}
-
-
-def sample_index(sample_id: str) -> int:
-    """``syn-f0-c1-0000007`` -> 7: a sample's index within its class."""
-    return int(sample_id.rsplit("-", 1)[1])
 
 
 def first_per_class(synthetic, counts: dict[int, int]):
@@ -182,8 +215,6 @@ def first_per_class(synthetic, counts: dict[int, int]):
 
 def training_set(condition: Condition, real, synthetic):
     """What a condition trains on: the real subset, the selected synthetic set, or both."""
-    from raysynth.data.schema import ImageSet
-
     parts = []
     if condition.uses_real:
         parts.append(real)
@@ -200,6 +231,4 @@ def augment_for(condition: Condition, dims: int, seed: int, segmentation: bool) 
     """The classical MRI augmentation of the classical arms (seeded per trial), else None."""
     if not condition.uses_classical:
         return None
-    from raysynth.study.augment import build_classical_augment
-
     return build_classical_augment(dims, seed, segmentation)

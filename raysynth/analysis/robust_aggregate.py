@@ -25,8 +25,14 @@ from typing import Optional
 
 import numpy as np
 
-from raysynth.study.aggregate import compare, fold_means, summarise
-from raysynth.study.design import BASELINE, fraction_key
+from raysynth.analysis.aggregate import compare, fold_means, summarise
+from raysynth.artifacts import fraction_key
+from raysynth.design import BASELINE
+from raysynth.downstream.metrics import (
+    expected_calibration_error,
+    nanmean,
+    reliability_curve,
+)
 
 LOWER_IS_BETTER = frozenset({"mean_hd95", "ece"})
 OVERALL = "all corruptions"
@@ -111,21 +117,14 @@ def corruption_errors(clean_rows: list[dict], corrupted_rows: list[dict], metric
                 rel_den = sum(base[c][s] - base_clean for s in sev)
                 rel[c] = (sum(by_c[c][s] - own_clean for s in sev) / rel_den
                           if sev and rel_den > 1e-9 else float("nan"))
-            block[cond] = {"ce": ce, "relative_ce": rel, "mce": _nanmean(ce.values()),
-                           "relative_mce": _nanmean(rel.values()), "clean_error": own_clean}
+            block[cond] = {"ce": ce, "relative_ce": rel, "mce": nanmean(ce.values()),
+                           "relative_mce": nanmean(rel.values()), "clean_error": own_clean}
     return out
-
-
-def _nanmean(values) -> float:
-    arr = np.asarray(list(values), dtype=np.float64)
-    return float(np.nanmean(arr)) if arr.size and not np.all(np.isnan(arr)) else float("nan")
 
 
 def reliability(predictions: Optional[list[dict]], n_bins: int) -> dict:
     """Per fraction and condition, the top-label reliability curve of all predictions pooled over
     splits and seeds, with its ECE (``metrics.reliability_curve``)."""
-    from raysynth.study.metrics import expected_calibration_error, reliability_curve
-
     if not predictions:
         return {}
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)

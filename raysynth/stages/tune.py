@@ -17,7 +17,6 @@ trial; written last, it marks the stage complete), ``fd_vs_gamma.png`` and ``fd_
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -27,32 +26,38 @@ import time
 from typing import Any, Optional
 
 import numpy as np
+import pyarrow as pa
 import ray.tune as tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from raysynth.config import Config, ConfigError, DiffusionConfig, TuningConfig, from_dict
+from raysynth.artifacts import TUNE_FILES, TUNE_JSON, Layout, read_json, read_prepared
+from raysynth.config import Config, ConfigError, TuningConfig
+from raysynth.design import generator_train_ids, largest_remainder
+from raysynth.diffusion.process import PROCESSES as PROCESS_CLASSES
+from raysynth.diffusion.trainer import training_tensors
+from raysynth.diffusion.tune_trial import COVARIANCE, trial_diffusion, tune_trial
 from raysynth.errors import StageError
-from raysynth.layout import Layout, read_json, write_json
-from raysynth.runtime import derive_seed, ensure_ray, set_threads
+from raysynth.io import write_json, write_table, write_text
+from raysynth.quality.features import random_encoder, train_encoder
+from raysynth.quality.metrics import frechet_distance
+from raysynth.render.tune_figures import plot_trials
+from raysynth.runtime import derive_seed, ensure_ray
 
 log = logging.getLogger(__name__)
 
 TUNE_VERSION = 1
-COVARIANCE = "ledoit_wolf"  # validation sets are often smaller than the feature width
-KID_SUBSETS = 20
 FALLBACK_SAMPLER = {"ddpm": "ddim", "gamma": "heun"}
-FILES = ("results.parquet", "best.yaml", "fd_vs_gamma.png", "fd_vs_lr.png", "tune.json")
-_SEED_SPLIT, _SEED_INIT, _SEED_BATCH, _SEED_EVAL, _SEED_ENCODER, _SEED_SEARCH = 101, 102, 103, 104, 105, 106
+_SEED_SPLIT, _SEED_ENCODER, _SEED_SEARCH = 101, 105, 106  # 102-104: diffusion.tune_trial
 SEARCHED = ("process", "gamma", "learning_rate")  # diffusion fields the trials set
 
 # The settings are the fields of the config's ``tune`` section; one definition serves both.
-DEFAULT_SETTINGS: dict[str, Any] = dataclasses.asdict(TuningConfig())
+DEFAULT_SETTINGS: dict[str, Any] = TuningConfig().to_dict()
 
 
 def resolve_settings(settings: Optional[dict] = None) -> dict[str, Any]:
     """Defaults overlaid with ``settings``; raises :class:`ConfigError` (a ``ValueError``) naming any
     bad key or value, so the CLI reports it in one line."""
-    from raysynth.diffusion.process import PROCESSES as PROCESS_CLASSES
-
     settings = dict(settings or {})
     unknown = sorted(set(settings) - set(DEFAULT_SETTINGS))
     if unknown:
@@ -109,113 +114,13 @@ def search_space(s: dict[str, Any]) -> dict[str, Any]:
             "process": tune.choice(procs) if len(procs) > 1 else procs[0]}
 
 
-def trial_diffusion(base: DiffusionConfig, trial: dict[str, Any]) -> DiffusionConfig:
-    """The base diffusion config with a trial's process, learning rate and (gamma process only) gamma."""
-    gamma = float(trial["gamma"]) if trial["process"] == "gamma" else base.gamma
-    return dataclasses.replace(base, process=trial["process"], learning_rate=float(trial["learning_rate"]), gamma=gamma)
-
-
 def best_config(cfg: Config, best: dict[str, Any]) -> Config:
     """``cfg`` with the best trial's diffusion values, and a sampler valid for its process."""
-    from raysynth.diffusion.process import PROCESSES as PROCESS_CLASSES
-
     diffusion = trial_diffusion(cfg.diffusion, best)
     sampler = cfg.sampling.sampler
     if sampler not in PROCESS_CLASSES[diffusion.process].samplers:
         sampler = FALLBACK_SAMPLER[diffusion.process]
-    return dataclasses.replace(cfg, diffusion=diffusion, sampling=dataclasses.replace(cfg.sampling, sampler=sampler)).validate()
-
-
-def eval_label_counts(class_counts: dict[int, int], n: int) -> dict[int, int]:
-    """``n`` samples split over classes in the validation part's proportions (largest remainder),
-    so a good generator's FD is not inflated by a class mix the real set does not have."""
-    total = sum(class_counts.values())
-    exact = {c: n * k / total for c, k in class_counts.items()}
-    counts = {c: int(math.floor(v)) for c, v in exact.items()}
-    for c in sorted(exact, key=lambda c: (counts[c] - exact[c], c))[: n - sum(counts.values())]:
-        counts[c] += 1
-    return counts
-
-
-def sample_quality(model, process, *, sampler: str, steps: int, labels: np.ndarray, seeds: list[int],
-                   shape: tuple[int, ...], num_mask_classes: int, encoder, real_features: np.ndarray,
-                   batch_size: int = 64, kid_seed: int = 0) -> dict[str, Any]:
-    """Sample one image per (label, seed), embed the image channel, compare with ``real_features (n, F)``.
-
-    Returns ``{"fd", "kid", "seconds", "finite"}``; a run that produced NaN (a diverged network)
-    gives ``finite=False`` and NaN metrics instead of raising.
-    """
-    import torch
-
-    from raysynth.diffusion.channels import decode_joint
-    from raysynth.quality.metrics import frechet_distance, kid
-
-    device = next(model.parameters()).device
-    t0, images = time.perf_counter(), []
-    for start in range(0, len(seeds), batch_size):
-        chunk = seeds[start:start + batch_size]
-        gens = [torch.Generator(device=device).manual_seed(int(seed)) for seed in chunk]
-        y = torch.as_tensor(labels[start:start + len(chunk)], dtype=torch.long, device=device)
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            x = process.sample(model, y, shape, sampler, steps, gens)
-        images.append(decode_joint(x.float().cpu(), num_mask_classes)[0].numpy())
-    seconds = time.perf_counter() - t0
-    images = np.concatenate(images)
-    if not np.all(np.isfinite(images)):
-        return {"fd": float("nan"), "kid": float("nan"), "seconds": seconds, "finite": False}
-    fake = encoder.features(images)
-    return {"fd": frechet_distance(real_features, fake, covariance=COVARIANCE),
-            "kid": kid(real_features, fake, subsets=KID_SUBSETS, seed=kid_seed)[0], "seconds": seconds, "finite": True}
-
-
-def tune_trial(config: dict[str, Any], data: dict[str, Any]) -> None:
-    """One Tune trial: train a short generator, report FD every ``eval_every`` steps.
-
-    ``data`` (from the object store): ``cfg``, ``settings``, ``x0 (N, C, *S)``, ``labels (N,)``,
-    ``encoder``, ``val_features (n, F)``, ``eval_labels (M,)``, ``num_classes``, ``num_mask_classes``.
-    """
-    import torch
-
-    from raysynth.diffusion.trainer import GeneratorFit
-
-    cfg, s = from_dict(data["cfg"]), data["settings"]
-    set_threads(s["cpus_per_trial"])
-    device = torch.device("cuda" if s["gpus_per_trial"] > 0 and torch.cuda.is_available() else "cpu")
-    diffusion = trial_diffusion(cfg.diffusion, config)
-    x0, labels = torch.from_numpy(data["x0"]).to(device), torch.from_numpy(data["labels"]).to(device)
-    # Common random numbers: every trial starts from the same weights, sees the same batches and
-    # samples from the same noise, so FD differences come from the hyperparameters, not the draws.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(cfg.seed, _SEED_INIT))
-        fit = GeneratorFit(diffusion, dims=cfg.data.dims, in_channels=x0.shape[1], image_size=cfg.data.image_size,
-                           num_classes=data["num_classes"], device=device)
-    covers = fit.process.check_data_scale(float(x0.std()))
-    sampler = s[f"{diffusion.process}_sampler"]
-    eval_seeds = [derive_seed(cfg.seed, _SEED_EVAL, j) % 2**63 for j in range(len(data["eval_labels"]))]
-    best, loss_ema, t0 = float("inf"), None, time.perf_counter()
-    for step in range(s["trial_steps"]):
-        g = torch.Generator().manual_seed(derive_seed(cfg.seed, _SEED_BATCH, step))
-        idx = torch.randint(0, x0.shape[0], (diffusion.batch_size,), generator=g).to(device)
-        loss = fit.step(x0[idx], labels[idx], generator=g)
-        loss_ema = loss if loss_ema is None else 0.9 * loss_ema + 0.1 * loss
-        done = step + 1
-        if done % s["eval_every"] and done != s["trial_steps"] and math.isfinite(loss):
-            continue
-        q = {"fd": float("nan"), "kid": float("nan"), "finite": False}
-        if math.isfinite(loss):
-            with fit.ema_weights() as model:
-                model.eval()
-                q = sample_quality(model, fit.process, sampler=sampler, steps=s["eval_steps"], labels=data["eval_labels"],
-                                   seeds=eval_seeds, shape=tuple(x0.shape[1:]), num_mask_classes=data["num_mask_classes"],
-                                   encoder=data["encoder"], real_features=data["val_features"],
-                                   batch_size=cfg.sampling.batch_size, kid_seed=cfg.seed)
-                model.train()
-        best = min(best, q["fd"]) if q["finite"] else best
-        tune.report({"fd": q["fd"], "kid": q["kid"], "step": done, "best_fd": best, "loss": loss_ema,
-                     "diverged": not q["finite"], "sigma_max_covers_data": covers,
-                     "seconds": time.perf_counter() - t0})
-        if not q["finite"]:
-            return  # a diverged network does not recover; free the slot for the next trial
+    return cfg.replace(diffusion=diffusion, sampling=cfg.sampling.replace(sampler=sampler))
 
 
 class _Progress(tune.Callback):
@@ -242,7 +147,7 @@ def tune_digest(cfg: Config, s: dict[str, Any]) -> str:
     """The search is stale when the data, splits, the diffusion fields it does not search, the
     encoder (``quality``), the seed or the settings change. The searched fields are left out, so
     running ``tune --config best.yaml`` again finds the search complete."""
-    diffusion = {k: v for k, v in dataclasses.asdict(cfg.diffusion).items() if k not in SEARCHED}
+    diffusion = {k: v for k, v in cfg.diffusion.to_dict().items() if k not in SEARCHED}
     blob = json.dumps({"v": TUNE_VERSION, "sections": cfg.section_digest("data", "cv", "quality"),
                        "diffusion": diffusion, "seed": cfg.seed, "settings": s}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -253,20 +158,14 @@ def search(cfg: Config, layout: Layout, *, settings: Optional[dict] = None, forc
 
     ``settings`` default to the config's ``tune`` section.
     """
-    from raysynth.data.prepare import load_prepared
-    from raysynth.diffusion.train import generator_train_ids
-    from raysynth.diffusion.trainer import training_tensors
-    from raysynth.quality.features import random_encoder, train_encoder
-    from raysynth.quality.metrics import frechet_distance
-
     if settings is None:
-        settings = dataclasses.asdict(cfg.tune)
+        settings = cfg.tune.to_dict()
     s = resolve_settings(settings)
-    digest, out = tune_digest(cfg, s), layout.root / "tune"
+    digest, out = tune_digest(cfg, s), layout.tune
     if not force and _is_complete(out, digest):
         log.info("tune: %s is up to date (digest %s); skipping", out, digest)
-        return read_json(out / "tune.json")
-    records, fingerprint, splits = load_prepared(layout, cfg)
+        return read_json(out / TUNE_JSON)
+    records, fingerprint, splits = read_prepared(layout, cfg)
     fold = next((f for f in splits if f["fold"] == s["fold"]), None)
     if fold is None:
         raise StageError(f"tune: fold {s['fold']} is not in splits.json ({len(splits)} folds)")
@@ -291,7 +190,9 @@ def search(cfg: Config, layout: Layout, *, settings: Optional[dict] = None, forc
                if q.encoder == "trained" else random_encoder(cfg.data.dims, q.feature_dim, enc_seed))
     encoder.description["validation_accuracy"] = encoder.accuracy(val.images, val.labels)
     val_f = encoder.features(val.images)
-    counts = eval_label_counts({int(c): int(np.sum(val.labels == c)) for c in np.unique(val.labels)}, s["eval_samples"])
+    # The validation part's class proportions, so a good generator's FD is not inflated by a class
+    # mix the real set does not have.
+    counts = largest_remainder({int(c): int(np.sum(val.labels == c)) for c in np.unique(val.labels)}, s["eval_samples"])
     eval_labels = np.concatenate([np.full(n, c, dtype=np.int64) for c, n in sorted(counts.items())])
     ref_n = min(len(gen), s["eval_samples"])
     ref_idx = np.random.default_rng(split_seed).choice(len(gen), ref_n, replace=False)
@@ -300,9 +201,6 @@ def search(cfg: Config, layout: Layout, *, settings: Optional[dict] = None, forc
              s["fold"], len(gen), len(val), reference_fd, s["num_samples"])
 
     # 3. The search: ASHA on FD, trial data through the object store.
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
     ensure_ray(cfg)
     data = {"cfg": cfg.to_dict(), "settings": s, "x0": x0.numpy(), "labels": labels.numpy(), "encoder": encoder,
             "val_features": val_f, "eval_labels": eval_labels, "num_classes": int(fingerprint["num_classes"]),
@@ -327,19 +225,12 @@ def search(cfg: Config, layout: Layout, *, settings: Optional[dict] = None, forc
     best = ranked[0]
 
     # 4. Artifacts; tune.json last, as the mark of a complete stage.
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), out / ".results.parquet.tmp")
-    (out / ".results.parquet.tmp").replace(out / "results.parquet")
+    write_table(pa.Table.from_pylist(rows), out / "results.parquet")
     tuned = best_config(cfg, best)
-    (out / "best.yaml").write_text(
+    write_text(out / "best.yaml",
         f"# raysynth tune {digest}: best of {len(rows)} trials by FD on fold {s['fold']}'s validation part\n"
         f"# {best['process']} gamma={best['gamma']} learning_rate={best['learning_rate']:.4g}: "
         f"FD {best['best_fd']:.4g} (real-vs-real {reference_fd:.4g})\n" + tuned.to_yaml())
-    from raysynth.diffusion.tune_figures import plot_trials
-
     plot_trials(rows, reference_fd, out, {"gamma": (s["gamma_min"], s["gamma_max"]), "learning_rate": (s["lr_min"], s["lr_max"])})
     summary = {
         "version": TUNE_VERSION, "digest": digest, "settings": s,
@@ -361,9 +252,9 @@ def search(cfg: Config, layout: Layout, *, settings: Optional[dict] = None, forc
         "best_config": {"process": tuned.diffusion.process, "gamma": tuned.diffusion.gamma,
                         "learning_rate": tuned.diffusion.learning_rate, "sampler": tuned.sampling.sampler},
         "trials": {status: sum(r["status"] == status for r in rows) for status in sorted({r["status"] for r in rows})},
-        "files": list(FILES), "seconds": round(time.time() - t_start, 1),
+        "files": list(TUNE_FILES), "seconds": round(time.time() - t_start, 1),
     }
-    write_json(out / "tune.json", summary)
+    write_json(out / TUNE_JSON, summary)
     log.info("tune: best %s gamma=%s lr=%.3g: FD %.4g (real-vs-real %.4g); wrote %s", best["process"], best["gamma"],
              best["learning_rate"], best["best_fd"], reference_fd, out)
     return summary
@@ -392,10 +283,9 @@ def _row(result, s: dict[str, Any]) -> dict[str, Any]:
 
 def _is_complete(out, digest: str) -> bool:
     try:
-        return read_json(out / "tune.json").get("digest") == digest and all((out / f).is_file() for f in FILES)
+        return read_json(out / TUNE_JSON).get("digest") == digest and all((out / f).is_file() for f in TUNE_FILES)
     except (OSError, ValueError):
         return False
 
 
-__all__ = ["search", "resolve_settings", "validation_split", "search_space", "trial_diffusion", "best_config",
-           "eval_label_counts", "sample_quality", "tune_trial", "DEFAULT_SETTINGS"]
+__all__ = ["search", "resolve_settings", "validation_split", "search_space", "best_config", "DEFAULT_SETTINGS"]

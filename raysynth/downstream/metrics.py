@@ -8,7 +8,7 @@ mask) is ``nan`` with a line in ``notes`` saying why, never a crash and never a 
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,8 +26,9 @@ def _ratio(num: float, den: float) -> float:
     return float(num / den) if den > 0 else float("nan")
 
 
-def _nanmean(values: Sequence[float]) -> float:
-    arr = np.asarray(values, dtype=np.float64)
+def nanmean(values: Iterable[float]) -> float:
+    """The mean of the finite values; NaN when there are none (without numpy's empty-slice warning)."""
+    arr = np.asarray(list(values), dtype=np.float64)
     return float(np.nanmean(arr)) if arr.size and not np.all(np.isnan(arr)) else float("nan")
 
 
@@ -100,8 +101,8 @@ def classification_metrics(y_true: np.ndarray, y_prob: np.ndarray, class_names: 
         skipped = [n for n, v in auc_per_class.items() if np.isnan(v)]
         if skipped:
             notes.append(f"auc: classes {skipped} left out of the macro one-vs-rest mean")
-        auc = _nanmean(list(auc_per_class.values()))
-        headline_sens, headline_spec = _nanmean(list(sens.values())), _nanmean(list(spec.values()))
+        auc = nanmean(list(auc_per_class.values()))
+        headline_sens, headline_spec = nanmean(list(sens.values())), nanmean(list(spec.values()))
 
     return {
         "n": int(len(y_true)),
@@ -196,8 +197,8 @@ def segmentation_metrics(
         "n": int(pred.shape[0]),
         "dice": {n: float(v) for n, v in zip(fg, dice_class)},
         "hd95": {n: float(v) for n, v in zip(fg, hd_class)},
-        "mean_dice": _nanmean(dice.ravel()),
-        "mean_hd95": _nanmean(hd.ravel()),
+        "mean_dice": nanmean(dice.ravel()),
+        "mean_hd95": nanmean(hd.ravel()),
         "per_sample_dice": [float(v) for v in per_sample],
         "notes": notes,
     }

@@ -16,9 +16,22 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from monai.transforms import (
-    AdjustContrast, Compose, Fourier, GaussianSmooth, GibbsNoise, KSpaceSpikeNoise, RandAdjustContrastd,
-    RandAffined, Rand2DElasticd, Rand3DElasticd, RandBiasField, RandBiasFieldd, RandFlipd,
-    RandGaussianNoised, RandomizableTransform, RandRicianNoise,
+    AdjustContrast,
+    Compose,
+    Fourier,
+    GaussianSmooth,
+    GibbsNoise,
+    KSpaceSpikeNoise,
+    Rand2DElasticd,
+    Rand3DElasticd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandBiasField,
+    RandBiasFieldd,
+    RandFlipd,
+    RandGaussianNoised,
+    RandomizableTransform,
+    RandRicianNoise,
 )
 from monai.utils import convert_to_tensor
 

@@ -14,7 +14,9 @@ from typing import Any, Optional
 import numpy as np
 from scipy import stats
 
-from raysynth.study.design import BASELINE, fraction_key
+from raysynth.analysis.stats import corrected_se, holm, paired_comparison
+from raysynth.artifacts import fraction_key
+from raysynth.design import BASELINE
 
 PRIMARY_TEST = {
     "name": "nb",
@@ -72,7 +74,7 @@ def summarise(rows: list[dict], metrics: list[str], confidence: float = 0.95) ->
                     q = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1))
                     half = q * cell["sd"] / math.sqrt(n)
                     ratio = n_sizes[p]["n_test"] / n_sizes[p]["n_real"] if n_sizes[p]["n_real"] > 0 else 0.0
-                    nb_half = q * cell["sd"] * math.sqrt(1.0 / n + ratio)
+                    nb_half = q * corrected_se(cell["sd"], n, ratio)
                     cell.update(ci_low=mean - half, ci_high=mean + half, nb_ci_low=mean - nb_half, nb_ci_high=mean + nb_half)
                 out[p][c][m] = cell
     return {p: dict(by_c) for p, by_c in out.items()}
@@ -80,8 +82,6 @@ def summarise(rows: list[dict], metrics: list[str], confidence: float = 0.95) ->
 
 def compare(rows: list[dict], metrics: list[str]) -> dict:
     """``{fraction: {condition: {metric: paired_comparison + Holm}}}`` against baseline, by split."""
-    from raysynth.study.stats import holm, paired_comparison
-
     n_sizes = sizes(rows)
     out: dict[str, dict[str, dict[str, dict]]] = {}
     for m in metrics:

@@ -4,7 +4,7 @@ Nothing is retrained. The study stage keeps each trial's network (``OUT/study/mo
 this stage scores those networks on
 
 * each split's real test part, corrupted with every ``robustness.corruptions`` at every
-  ``robustness.severities`` (``study.augment.build_corruption``). The draws are seeded by (split,
+  ``robustness.severities`` (``downstream.augment.build_corruption``). The draws are seeded by (split,
   corruption, severity) alone, so every arm and seed of a split sees the same corrupted images
   and the comparisons stay paired;
 * the external test set (``data.external``), which no generator and no model selection has seen.
@@ -20,9 +20,8 @@ evaluated, with an example test image under every corruption and severity).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -30,100 +29,35 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
-from raysynth.config import Config, from_dict
+from raysynth import artifacts
+from raysynth.artifacts import (
+    ROBUSTNESS_JSON,
+    Layout,
+    finished_trials,
+    read_json,
+    read_prepared,
+)
+from raysynth.config import Config
+from raysynth.data.external import BUILTIN, external_source, load_external
+from raysynth.data.sources import source_signature
+from raysynth.downstream.robust_eval import corrupt_test_part, evaluate_split
 from raysynth.errors import StageError
-from raysynth.layout import Layout, read_json, write_json
-from raysynth.runtime import derive_seed, ensure_ray, set_threads
+from raysynth.io import write_json, write_table
+from raysynth.render.figures import encode_images, middle_slice
+from raysynth.runtime import ensure_ray
 
 log = logging.getLogger(__name__)
 
-CLASSIFICATION_SCALARS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "auc", "ece")
-SEGMENTATION_SCALARS = ("mean_dice", "mean_hd95")
-KEY_FIELDS = ("condition", "arm", "ratio", "real_fraction", "fold", "repeat", "seed", "n_real", "n_synthetic", "n_test")
-
-
 def robustness_digest(cfg: Config) -> str:
     """The study's digest, the robustness section and the external data's file signature."""
-    from raysynth.data.external import BUILTIN, external_source
-    from raysynth.data.prepare import source_signature
-    from raysynth.study.cv import study_digest
-
     source = external_source(cfg)
-    signature = source_signature(source) if source not in (None, BUILTIN) else None
-    blob = json.dumps({"study": study_digest(cfg), "robustness": cfg.section_digest("robustness"),
-                       "external": [source, signature]}, sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def corruption_seed(base: int, fold: int, corruption: str, severity: int) -> int:
-    """The seed of one (split, corruption, severity): shared by every arm and seed of the split."""
-    from raysynth.study.augment import CORRUPTIONS
-
-    return derive_seed(base, fold, CORRUPTIONS.index(corruption), severity) % 2**32
-
-
-def corrupt_test_part(cfg: Config, fold: int, images: np.ndarray) -> dict[tuple[str, int], np.ndarray]:
-    """``{(corruption, severity): corrupted copy of images}`` for every configured pair."""
-    from raysynth.study.augment import build_corruption
-
-    rb = cfg.robustness
-    return {(c, s): build_corruption(c, s, corruption_seed(rb.seed, fold, c, s), cfg.data.dims)(images)
-            for c in rb.corruptions for s in sorted(rb.severities)}
-
-
-def _scalars(metrics: dict, task: str) -> dict[str, float]:
-    names = SEGMENTATION_SCALARS if task == "segmentation" else CLASSIFICATION_SCALARS
-    return {k: float(metrics[k]) for k in names if isinstance(metrics.get(k), (int, float))}
-
-
-def evaluate_split(cfg_dict: dict, root: str, fold: int, trials: list[dict], external: Any) -> dict:
-    """Score every network of one split on its corrupted test part and on ``external`` (an
-    ImageSet or None). Returns ``{"fold", "corrupted": rows, "external": rows, "predictions": rows}``."""
-    import torch
-
-    from raysynth.data.prepare import load_prepared
-    from raysynth.study.models import evaluate, load_network
-
-    cfg = from_dict(cfg_dict)
-    set_threads(cfg.study.cpus_per_trial)
-    layout = Layout.at(root)
-    records, fingerprint, splits = load_prepared(layout)
-    split = next(s for s in splits if int(s["fold"]) == fold)
-    test = records.subset_ids(split["test"])
-    task = cfg.data.task
-    device = "cuda" if torch.cuda.is_available() and cfg.study.gpus_per_trial > 0 else "cpu"
-    t0 = time.time()
-    corrupted = corrupt_test_part(cfg, fold, test.images)
-    log.info("robustness: split %d: %d corrupted copies of %d test images in %.1fs", fold, len(corrupted),
-             len(test), time.time() - t0)
-    common = dict(num_classes=int(fingerprint["num_classes"]),
-                  num_mask_classes=int(fingerprint.get("num_mask_classes") or 0) or None,
-                  batch_size=max(cfg.study.batch_size, 64), device=device, class_names=fingerprint["class_names"],
-                  mask_class_names=fingerprint.get("mask_names"))
-    out: dict[str, Any] = {"fold": fold, "corrupted": [], "external": [], "predictions": []}
-    for trial in trials:
-        model, spec = load_network(layout.root / trial["model"], device)
-        key = {k: trial[k] for k in KEY_FIELDS}
-        for (c, s), images in corrupted.items():
-            result = evaluate(model, task, test, images=images, **common)
-            out["corrupted"].append({**key, "corruption": c, "severity": s, **_scalars(result["metrics"], task)})
-        if external is not None:
-            result = evaluate(model, task, external, **common)
-            # n_test is the external set's size here: the size of the test behind each estimate.
-            out["external"].append({**key, "n_test": len(external), "n_external": len(external),
-                                    **_scalars(result["metrics"], task)})
-            if result["y_prob"] is not None:
-                out["predictions"] += [{**key, "id": rid, "y_true": int(y), "y_prob": [float(v) for v in p]}
-                                       for rid, y, p in zip(external.ids, result["y_true"], result["y_prob"])]
-    out["seconds"] = time.time() - t0
-    return out
+    return artifacts.robustness_digest(cfg, source, source_signature(source) if source not in (None, BUILTIN) else None)
 
 
 def study_trials(cfg: Config, layout: Layout) -> list[dict]:
-    """The study's finished trials (``cv.finished_trials``), each with a saved network."""
-    from raysynth.study.cv import finished_trials
-
+    """The study's finished trials (``artifacts.finished_trials``), each with a saved network."""
     trials = finished_trials(cfg, layout)
     if not trials:
         raise StageError("robustness: no finished study trials for this config; run `raysynth study` first")
@@ -137,17 +71,10 @@ def study_trials(cfg: Config, layout: Layout) -> list[dict]:
 
 def run_robustness(cfg: Config, layout: Layout, force: bool = False) -> Path:
     """Evaluate the missing splits and gather the tables; returns ``OUT/robustness/robustness.json``."""
-    import ray
-
-    from raysynth.data.external import external_source, load_external
-    from raysynth.data.prepare import load_prepared
-
-    _, fingerprint, _ = load_prepared(layout, cfg)
+    _, fingerprint, _ = read_prepared(layout, cfg)
     digest = robustness_digest(cfg)
     folder = layout.robustness / "splits"
     if force:
-        import shutil
-
         shutil.rmtree(layout.robustness, ignore_errors=True)
     trials = study_trials(cfg, layout)
     by_fold: dict[int, list[dict]] = {}
@@ -186,13 +113,9 @@ def run_robustness(cfg: Config, layout: Layout, force: bool = False) -> Path:
 
 def gather(cfg: Config, layout: Layout, fingerprint: dict, digest: str, external: Any) -> Path:
     """Concatenate the per-split files into the stage's Parquet tables and robustness.json."""
-    from raysynth.data.external import external_source
-    from raysynth.data.prepare import load_prepared
-    from raysynth.study.cv import write_table
-
     parts = [read_json(p) for p in sorted((layout.robustness / "splits").glob("*.json"))]
     parts = [p for p in parts if p.get("digest") == digest]
-    tables = {"corrupted": [r for p in parts for r in p["corrupted"]],
+    tables = {"corrupted": [r for p in parts for r in p["corrupted"]],  # the names of artifacts.ROBUSTNESS_TABLES
               "external": [r for p in parts for r in p["external"]],
               "external_predictions": [r for p in parts for r in p["predictions"]]}
     for name, rows in tables.items():
@@ -201,7 +124,7 @@ def gather(cfg: Config, layout: Layout, fingerprint: dict, digest: str, external
             write_table(pa.Table.from_pylist(rows), path)
         else:
             path.unlink(missing_ok=True)
-    records, _, splits = load_prepared(layout)
+    records, _, splits = read_prepared(layout, cfg)
     summary = {
         "digest": digest,
         "corruptions": list(cfg.robustness.corruptions),
@@ -215,7 +138,7 @@ def gather(cfg: Config, layout: Layout, fingerprint: dict, digest: str, external
         "examples": _examples(cfg, records, splits),
         "external_examples": None if external is None else _external_examples(external, fingerprint["class_names"]),
     }
-    path = layout.robustness / "robustness.json"
+    path = layout.robustness / ROBUSTNESS_JSON
     write_json(path, summary)
     log.info("robustness: %d corrupted and %d external evaluations in %s", len(tables["corrupted"]),
              len(tables["external"]), layout.robustness)
@@ -225,8 +148,6 @@ def gather(cfg: Config, layout: Layout, fingerprint: dict, digest: str, external
 def _examples(cfg: Config, records, splits: list[dict]) -> dict:
     """The first test image of the first split, clean and under every corruption and severity
     (middle slice for volumes), as the exact images the models saw; base64 uint8."""
-    from raysynth.study.figures import encode_images, middle_slice
-
     fold = int(splits[0]["fold"])
     image = records.subset_ids(splits[0]["test"][:1]).images
     corrupted = corrupt_test_part(cfg, fold, image)
@@ -236,8 +157,6 @@ def _examples(cfg: Config, records, splits: list[dict]) -> dict:
 
 
 def _external_examples(external, class_names: list[str], per_class: int = 4) -> dict:
-    from raysynth.study.figures import encode_images, middle_slice
-
     out = {}
     for c, name in enumerate(class_names):
         idx = np.flatnonzero(external.labels == c)[:per_class]

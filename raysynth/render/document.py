@@ -7,31 +7,21 @@ the run that produced the numbers beside it.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import yaml
 
 from raysynth.config import StudyConfig
-from raysynth.study.html import Block, Bullets, Figure, Heading, Paragraph, Preformatted, Table
-
-ALPHA = 0.05
-
-
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}" if abs(x) >= 1e-3 or x == 0 else f"{x:.1e}"
-    return str(x)
-
-
-def _pct(p: str | float) -> str:
-    return f"{float(p):.0%}"
-
-
-def _primary(report: dict) -> str:
-    metrics = report["metrics"]
-    return report["primary_metric"] if report["primary_metric"] in metrics else (metrics or [""])[0]
+from raysynth.render.html import (
+    Block,
+    Bullets,
+    Figure,
+    Heading,
+    Paragraph,
+    Preformatted,
+    Table,
+)
+from raysynth.render.robust_document import robustness_blocks
+from raysynth.render.text import ALPHA, fmt, pct, primary_metric
 
 
 def methods(report: dict) -> list[str]:
@@ -44,12 +34,12 @@ def methods(report: dict) -> list[str]:
     source = cfg["data"]["source"] or "the embedded MNI152-based cohort"
     shape = "x".join(str(v) for v in d.get("shape", []))
     fractions = sorted(design["real_fractions"], reverse=True)
-    frac_text = ", ".join(f"{_pct(p)} (mean {sizes.get(f'{p:g}', {}).get('n_real', float('nan')):.0f} images)"
+    frac_text = ", ".join(f"{pct(p)} (mean {sizes.get(f'{p:g}', {}).get('n_real', float('nan')):.0f} images)"
                           for p in fractions)
     ratios = ", ".join(f"{r:g}" for r in design["ratios"])
     balance = ("every class gets r times the largest real class" if s["class_balance"] == "balanced"
                else "every class gets r times its own real count")
-    lr = st["learning_rate"] if st["learning_rate"] is not None else (1e-2 if report["task"] == "segmentation" else 1e-3)
+    lr = st["learning_rate"] if st["learning_rate"] is not None else StudyConfig.default_learning_rate(report["task"])
     arms = "; ".join(f"{a}: {StudyConfig.ARMS.get(a, a)}" for a in design["arms"])
     out = [
         f"Data. {d.get('num_records')} real {report['dims']}D images of {d.get('num_subjects')} subjects from {source}, "
@@ -86,7 +76,7 @@ def methods(report: dict) -> list[str]:
 
 def findings(report: dict) -> list[str]:
     """One sentence per condition and size on the primary metric, read off the corrected test."""
-    m, out = _primary(report), []
+    m, out = primary_metric(report), []
     for p in sorted(report["comparisons"], key=float, reverse=True):
         for c, by_metric in report["comparisons"][p].items():
             r = by_metric.get(m, {})
@@ -95,10 +85,10 @@ def findings(report: dict) -> list[str]:
             holm_p = r.get("nb_p_holm", float("nan"))
             verdict = ("significant after Holm correction" if holm_p < ALPHA else
                        "not significant after Holm correction" if not math.isnan(holm_p) else "no test possible")
-            out.append(f"Real data {_pct(p)}, {c}: {m} {r['mean_b']:.3f} against baseline {r['mean_a']:.3f}, difference "
-                       f"{r['mean_diff']:+.3f} (corrected 95% CI {_fmt(r['nb_ci_low'])} to {_fmt(r['nb_ci_high'])}; "
-                       f"bootstrap {_fmt(r['boot_ci_low'])} to {_fmt(r['boot_ci_high'])}; "
-                       f"corrected p = {_fmt(r.get('nb_p'))}, Holm {_fmt(holm_p)}; paired t p = {_fmt(r.get('t_p'))}): "
+            out.append(f"Real data {pct(p)}, {c}: {m} {r['mean_b']:.3f} against baseline {r['mean_a']:.3f}, difference "
+                       f"{r['mean_diff']:+.3f} (corrected 95% CI {fmt(r['nb_ci_low'])} to {fmt(r['nb_ci_high'])}; "
+                       f"bootstrap {fmt(r['boot_ci_low'])} to {fmt(r['boot_ci_high'])}; "
+                       f"corrected p = {fmt(r.get('nb_p'))}, Holm {fmt(holm_p)}; paired t p = {fmt(r.get('t_p'))}): "
                        f"{verdict} at {ALPHA:g}.")
     return out
 
@@ -110,27 +100,27 @@ def _summary_table(report: dict) -> Table:
         for c in report["design"]["conditions"]:
             cell = report["summary"][p].get(c)
             if cell:
-                rows.append((_pct(p), c, *[f"{_fmt(cell[m]['mean'])} [{_fmt(cell[m]['nb_ci_low'])}, {_fmt(cell[m]['nb_ci_high'])}]"
+                rows.append((pct(p), c, *[f"{fmt(cell[m]['mean'])} [{fmt(cell[m]['nb_ci_low'])}, {fmt(cell[m]['nb_ci_high'])}]"
                                          if m in cell else "n/a" for m in metrics]))
     return Table(("real data", "condition", *metrics), tuple(rows),
                  "mean over splits (seed-averaged) [Nadeau-Bengio corrected 95% CI]")
 
 
 def _comparison_table(report: dict) -> Table:
-    shown = [m for m in dict.fromkeys((_primary(report), "auc")) if m in report["metrics"]]
+    shown = [m for m in dict.fromkeys((primary_metric(report), "auc")) if m in report["metrics"]]
     rows = []
     for p in sorted(report["comparisons"], key=float, reverse=True):
         for c, by_metric in report["comparisons"][p].items():
             for m in shown:
                 r = by_metric.get(m, {})
                 if "mean_diff" not in r:
-                    rows.append((_pct(p), c, m, str(r.get("n", 0)), r.get("note", "n/a"), *[""] * 10))
+                    rows.append((pct(p), c, m, str(r.get("n", 0)), r.get("note", "n/a"), *[""] * 10))
                     continue
-                rows.append((_pct(p), c, m, str(r["n"]), _fmt(r["mean_diff"]),
-                             f"[{_fmt(r['nb_ci_low'])}, {_fmt(r['nb_ci_high'])}]",
-                             f"[{_fmt(r['boot_ci_low'])}, {_fmt(r['boot_ci_high'])}]",
-                             _fmt(r.get("nb_p")), _fmt(r.get("nb_p_holm")), _fmt(r.get("t_p")), _fmt(r.get("t_p_holm")),
-                             _fmt(r.get("wilcoxon_p")), _fmt(r.get("cohen_dz")), _fmt(r.get("hedges_gz"))))
+                rows.append((pct(p), c, m, str(r["n"]), fmt(r["mean_diff"]),
+                             f"[{fmt(r['nb_ci_low'])}, {fmt(r['nb_ci_high'])}]",
+                             f"[{fmt(r['boot_ci_low'])}, {fmt(r['boot_ci_high'])}]",
+                             fmt(r.get("nb_p")), fmt(r.get("nb_p_holm")), fmt(r.get("t_p")), fmt(r.get("t_p_holm")),
+                             fmt(r.get("wilcoxon_p")), fmt(r.get("cohen_dz")), fmt(r.get("hedges_gz"))))
     return Table(("real data", "condition", "metric", "splits", "mean diff", "corrected 95% CI", "bootstrap 95% CI",
                   "corrected p",
                   "corrected p (Holm)", "paired t p", "paired t p (Holm)", "Wilcoxon p", "d_z", "g_z"), tuple(rows),
@@ -141,8 +131,8 @@ def _generator_table(report: dict) -> Table:
     rows = []
     for name, g in report["generators"].items():
         syn = report["synthetic"].get(name, {})
-        rows.append((f"split {name}", _pct(g.get("fraction", 1.0)), str(g["num_train_images"]), str(g["steps"]),
-                     _fmt(g.get("final_loss"), 4), str(syn.get("num_samples", 0)),
+        rows.append((f"split {name}", pct(g.get("fraction", 1.0)), str(g["num_train_images"]), str(g["steps"]),
+                     fmt(g.get("final_loss"), 4), str(syn.get("num_samples", 0)),
                      ", ".join(f"{k} {v}" for k, v in (syn.get("counts") or {}).items())))
     return Table(("generator", "real data", "real training images", "steps", "final loss", "synthetic samples",
                   "per class"), tuple(rows))
@@ -154,8 +144,8 @@ def _quality_blocks(q: dict) -> list[Block]:
         overall = f.get("metrics", {}).get("overall", {})
         ref, syn = overall.get("reference", {}), overall.get("synthetic_matched", {})
         gate = f.get("gate", {})
-        rows.append((f"split {f['fold']}", _fmt(syn.get("fd")), _fmt(ref.get("fd")), _fmt(syn.get("precision")),
-                     _fmt(syn.get("recall")), f"{gate.get('count', '?')}/{gate.get('total', '?')}",
+        rows.append((f"split {f['fold']}", fmt(syn.get("fd")), fmt(ref.get("fd")), fmt(syn.get("precision")),
+                     fmt(syn.get("recall")), f"{gate.get('count', '?')}/{gate.get('total', '?')}",
                      "passed" if gate.get("passed") else "FAILED"))
     return [Paragraph(f"Privacy gate: {'passed' if q.get('privacy_passed') else 'FAILED'}. Quality and privacy are "
                       "measured for the generators trained on each split's whole training part."),
@@ -166,7 +156,7 @@ def _quality_blocks(q: dict) -> list[Block]:
 def build_document(report: dict, figures: set[str]) -> tuple[str, list[Block]]:
     """The report's title and blocks; ``figures`` are the figure names that exist."""
     title = f"raysynth study report ({report['task']}, {report['dims']}D)"
-    m = _primary(report)
+    m = primary_metric(report)
     fig = lambda name, caption: [Figure(name, caption)] if name in figures else []  # noqa: E731
     blocks: list[Block] = [Heading(1, title), Paragraph(f"Created {report['created']}. Primary metric: {m}. "
                                                        f"Primary test: {report['primary_test']['label']}.")]
@@ -190,8 +180,6 @@ def build_document(report: dict, figures: set[str]) -> tuple[str, list[Block]]:
         blocks += [Heading(2, "ROC curves and confusion matrices"),
                    *fig("roc.png", "ROC curves from predictions.parquet, pooled over splits and seeds (pooled AUC in the legend)"),
                    *fig("confusion.png", "confusion matrices, summed over splits and seeds, row-normalised")]
-    from raysynth.study.robust_document import robustness_blocks
-
     blocks += robustness_blocks(report, figures)
     blocks += [Heading(2, "Generators and synthetic data"), _generator_table(report),
                *fig("real_vs_synthetic.png", "real training images and synthetic samples per class and real-data size"),
@@ -201,7 +189,7 @@ def build_document(report: dict, figures: set[str]) -> tuple[str, list[Block]]:
         blocks += [Heading(2, "Quality and privacy"), *_quality_blocks(report["quality"])]
     blocks += [Heading(2, "Reproducibility"),
                Paragraph("Every number and figure here is rebuilt from report.json: `raysynth report` re-renders it, or "
-                         "call raysynth.study.report.render_from_json('report.json', 'out/')."),
+                         "call raysynth.stages.report.render_from_json('report.json', 'out/')."),
                Table(("package", "version"), tuple((k, v) for k, v in report["packages"].items())),
                Heading(3, "Config"), Preformatted(yaml.safe_dump(report["config"], sort_keys=False).rstrip())]
     return title, blocks

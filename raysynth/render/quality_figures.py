@@ -14,24 +14,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-def middle_slice(image: np.ndarray) -> np.ndarray:
-    """A 2D view: the image itself, or the middle slice along the first axis of a 3D volume."""
-    image = np.asarray(image)
-    if image.ndim == 2:
-        return image
-    if image.ndim == 3:
-        return image[image.shape[0] // 2]
-    raise ValueError(f"image: expected 2D (H, W) or 3D (D, H, W), got shape {image.shape}")
+from raysynth.io import atomic_path
+from raysynth.render.figures import middle_slice
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # atomic, like the JSON artifacts
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:  # like every artifact
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def plot_ncc_histograms(per_fold: Sequence[dict], threshold: float, path: str | Path) -> None:

@@ -17,6 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from raysynth.render.text import metric_label
+
 
 def middle_slice(image: np.ndarray, axis: int = 0) -> np.ndarray:
     """A 2D view of a 2D image ``(H, W)`` or the middle slice of a volume ``(D, H, W)``."""
@@ -102,10 +104,6 @@ def orthogonal_png(slices: Sequence[np.ndarray], masks: Optional[Sequence[np.nda
     return png_bytes(fig)
 
 
-def _label(metric: str) -> str:
-    return metric.replace("_", " ")
-
-
 def learning_curve_png(summary: dict, sizes: dict, metric: str, conditions: Sequence[str]) -> bytes:
     """The metric against real training size (log scale), one line per condition, with
     Nadeau-Bengio corrected 95% intervals over splits as error bars, offset so none hides another."""
@@ -130,8 +128,8 @@ def learning_curve_png(summary: dict, sizes: dict, metric: str, conditions: Sequ
                   [f"{float(p):.0%}\n(n={sizes[p]['n_real']:.0f})" for p in fractions], fontsize=7)
     ax.set_xlim(min(xs.values()) - 0.5, max(xs.values()) + 0.5)
     ax.set_xlabel("real training data per split (log scale)")
-    ax.set_ylabel(_label(metric))
-    ax.set_title(f"{_label(metric)} against real-data size (mean over splits, corrected 95% CI)", fontsize=9)
+    ax.set_ylabel(metric_label(metric))
+    ax.set_title(f"{metric_label(metric)} against real-data size (mean over splits, corrected 95% CI)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return png_bytes(fig)
@@ -155,7 +153,7 @@ def paired_differences_png(comparisons: dict, metric: str) -> bytes:
         ax.axhline(0.0, color="grey", lw=0.8, ls="--")
         ax.set_xticks(range(len(conds)), conds, rotation=30, ha="right", fontsize=7)
         ax.set_title(f"real data {float(p):.0%}", fontsize=9)
-    axes[0, 0].set_ylabel(f"{_label(metric)} minus baseline")
+    axes[0, 0].set_ylabel(f"{metric_label(metric)} minus baseline")
     fig.suptitle("differences from baseline per split (seed-averaged): dots; mean: bar; corrected 95% CI: line",
                  fontsize=8)
     return png_bytes(fig)

@@ -1,7 +1,7 @@
 """The ``quality`` stage: fidelity, coverage, diversity and memorisation of each fold's synthetic set.
 
 Reads ``prepared/`` (real data, fingerprint, splits), ``ddpm/fold_k/train_ids.json`` (what each
-generator saw) and ``synthetic/fold_k/part-*.parquet``; writes ``quality/quality.json``, the
+generator saw) and each fold's synthetic set as its ``manifest.json`` lists it; writes ``quality/quality.json``, the
 figures and, with ``quality.drop_memorised``, ``quality/dropped.json`` (synthetic ids that the
 study must leave out). Every number comes with a real-against-real reference so it has a scale.
 """
@@ -9,25 +9,42 @@ study must leave out). Every number comes with a real-against-real reference so 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from raysynth.artifacts import (
+    DROPPED_JSON,
+    NCC_HISTOGRAM,
+    QUALITY_JSON,
+    Layout,
+    generator_meta,
+    generator_train_ids,
+    quality_digest,
+    read_json,
+    read_manifest,
+    read_prepared,
+    read_synthetic,
+)
 from raysynth.config import Config
-from raysynth.data.schema import ImageSet, read_parquet
-from raysynth.errors import PrivacyGateError, StageError
-from raysynth.layout import Layout, read_json, write_json
-from raysynth.quality import figures
-from raysynth.runtime import derive_seed
+from raysynth.data.schema import ImageSet
+from raysynth.errors import StageError
+from raysynth.io import write_json
 from raysynth.quality.features import CHANNELS, Encoder, random_encoder, train_encoder
 from raysynth.quality.memorisation import nearest_feature, nearest_ncc, privacy_gate
-from raysynth.quality.metrics import effective_k, frechet_distance, kid, ms_ssim_diversity, precision_recall
+from raysynth.quality.metrics import (
+    effective_k,
+    frechet_distance,
+    kid,
+    ms_ssim_diversity,
+    precision_recall,
+)
+from raysynth.render import quality_figures as figures
+from raysynth.runtime import derive_seed
 
 logger = logging.getLogger(__name__)
 
 QUALITY_VERSION = 1
-DIGEST_SECTIONS = ("data", "cv", "diffusion", "sampling", "quality")
 COVARIANCE = "ledoit_wolf"  # per-class sets are often smaller than the feature width
 KID_SUBSETS, KID_SUBSET_SIZE = 50, 1000
 DIVERSITY_PAIRS = 200
@@ -50,38 +67,33 @@ def assess_quality(cfg: Config, layout: Layout, force: bool = False) -> dict[str
     config digest (and its figures exist), unless ``force``. Raises :class:`StageError` when the
     prepared data or every fold's synthetic data is missing.
     """
-    digest = cfg.section_digest(*DIGEST_SECTIONS)
-    out = layout.quality / "quality.json"
-    for path, stage in ((layout.data_parquet, "prepare"), (layout.fingerprint, "prepare"), (layout.splits, "prepare")):
-        if not path.is_file():
-            raise StageError(f"quality: {path} is missing; run `raysynth {stage}` first")
-    folds = read_json(layout.splits)["folds"]
-    shards = {int(f["fold"]): sorted(layout.synthetic(int(f["fold"])).glob("part-*.parquet")) for f in folds}
-    ready = [f for f in folds if shards[int(f["fold"])]]
+    digest = quality_digest(cfg)
+    out = layout.quality / QUALITY_JSON
+    real, fingerprint, folds = read_prepared(layout, cfg)
+    manifests = {int(f["fold"]): read_manifest(layout, int(f["fold"]), cfg=cfg) for f in folds}
+    ready = [f for f in folds if manifests[int(f["fold"])] and manifests[int(f["fold"])]["shards"]]
     if not ready:
         raise StageError(f"quality: no synthetic shards (part-*.parquet) under {layout.root / 'synthetic'}; "
                          "run `raysynth sample` first")
-    missing = sorted(set(shards) - {int(f["fold"]) for f in ready})
+    missing = sorted(set(manifests) - {int(f["fold"]) for f in ready})
     if missing:
         logger.warning("quality: folds %s have no synthetic shards and are not assessed", missing)
     if not force and _is_complete(layout, digest, cfg, [int(f["fold"]) for f in ready]):
         logger.info("quality: %s is complete for config %s; skipping (use force to redo)", out, digest)
         return read_json(out)
 
-    real = read_parquet(layout.data_parquet)
-    fingerprint = read_json(layout.fingerprint)
     class_names = list(fingerprint.get("class_names") or [str(c) for c in sorted(set(real.labels.tolist()))])
     task = fingerprint.get("task", cfg.data.task)
     q = cfg.quality
     fold_reports, hist_items = [], []
     for entry in ready:
-        report, hist = _assess_fold(cfg, layout, real, class_names, entry, shards[int(entry["fold"])])
+        report, hist = _assess_fold(cfg, layout, real, class_names, entry)
         fold_reports.append(report)
         hist_items.append(hist)
-    figures.plot_ncc_histograms(hist_items, q.ncc_threshold, layout.quality / "ncc_hist.png")
+    figures.plot_ncc_histograms(hist_items, q.ncc_threshold, layout.quality / NCC_HISTOGRAM)
 
     passed = all(r["gate"]["passed"] for r in fold_reports)
-    dropped_path = layout.quality / "dropped.json"
+    dropped_path = layout.quality / DROPPED_JSON
     if q.drop_memorised:
         write_json(dropped_path, {"config_digest": digest, "ncc_threshold": q.ncc_threshold,
                                   "ids": {str(r["fold"]): r["gate"]["offending_ids"] for r in fold_reports}})
@@ -107,30 +119,16 @@ def assess_quality(cfg: Config, layout: Layout, force: bool = False) -> dict[str
         "method": _method(cfg),
         "folds": fold_reports,
         "folds_without_synthetic": missing,
-        "figures": {"ncc_hist": "ncc_hist.png"},
-        "dropped": "dropped.json" if q.drop_memorised else None,
+        "figures": {"ncc_hist": NCC_HISTOGRAM},
+        "dropped": DROPPED_JSON if q.drop_memorised else None,
     }
     write_json(out, summary)
     logger.info("quality: wrote %s; privacy %s", out, "passed" if passed else "FAILED")
     return summary
 
 
-def raise_if_failed(summary: dict[str, Any]) -> None:
-    """Raise :class:`PrivacyGateError` with a one-line message when the gate failed."""
-    if summary.get("privacy_passed", False):
-        return
-    gate = summary["gate"]
-    bad = ", ".join(f"fold {r['fold']}: {r['gate']['count']}/{r['gate']['total']} "
-                    f"({100 * r['gate']['fraction']:.1f}%, held-out real {100 * r['gate'].get('reference_fraction', 0):.1f}%)"
-                    for r in summary["folds"] if not r["gate"]["passed"])
-    action = "dropped before the study" if gate["drop_memorised"] else "set quality.drop_memorised to drop them"
-    raise PrivacyGateError(
-        f"privacy gate failed: synthetic samples with NCC above the gate threshold to a training image exceed "
-        f"held-out real scans' rate by more than {100 * gate['max_memorised_fraction']:g}% ({bad}); {action}; see quality/ncc_hist.png")
-
-
 def _is_complete(layout: Layout, digest: str, cfg: Config, folds: list[int]) -> bool:
-    path = layout.quality / "quality.json"
+    path = layout.quality / QUALITY_JSON
     try:
         saved = read_json(path)
     except (OSError, ValueError):
@@ -140,10 +138,10 @@ def _is_complete(layout: Layout, digest: str, cfg: Config, folds: list[int]) -> 
     try:
         if sorted(r["fold"] for r in saved["folds"]) != sorted(folds):
             return False
-        names = ["ncc_hist.png"] + [r["figures"]["nearest_pairs"] for r in saved["folds"]]
+        names = [NCC_HISTOGRAM] + [r["figures"]["nearest_pairs"] for r in saved["folds"]]
     except (KeyError, TypeError):
         return False
-    names += ["dropped.json"] if cfg.quality.drop_memorised else []
+    names += [DROPPED_JSON] if cfg.quality.drop_memorised else []
     return all((layout.quality / n).is_file() for n in names)
 
 
@@ -165,11 +163,11 @@ def _method(cfg: Config) -> dict[str, Any]:
     }
 
 
-def _ids_trained_on(layout: Layout, entry: dict) -> tuple[list[str], str]:
-    path = layout.ddpm(int(entry["fold"])) / "train_ids.json"
-    if path.is_file():
-        return list(read_json(path)["train_ids"]), str(path.relative_to(layout.root))
-    return list(entry["train"]), "prepared/splits.json (no ddpm train_ids.json)"
+def _ids_trained_on(cfg: Config, layout: Layout, entry: dict) -> tuple[list[str], str]:
+    fold = int(entry["fold"])
+    generator_meta(layout, fold, cfg=cfg)  # current for this config, or an error
+    ids, path = generator_train_ids(layout, fold)
+    return ids, str(path.relative_to(layout.root))
 
 
 def _subset(real: ImageSet, ids: list[str], what: str, fold: int) -> ImageSet:
@@ -223,20 +221,19 @@ def _summary(values: np.ndarray, threshold: Optional[float] = None) -> dict[str,
     return out
 
 
-def _assess_fold(cfg: Config, layout: Layout, real: ImageSet, class_names: list[str], entry: dict,
-                 shards: list[Path]) -> tuple[dict, dict]:
+def _assess_fold(cfg: Config, layout: Layout, real: ImageSet, class_names: list[str], entry: dict) -> tuple[dict, dict]:
     q, fold = cfg.quality, int(entry["fold"])
     seed = derive_seed(cfg.seed, fold)
     rng = np.random.default_rng(seed)
     # 1. The data: what the generator trained on, the held-out real part, and its samples.
-    train_ids, source = _ids_trained_on(layout, entry)
+    train_ids, source = _ids_trained_on(cfg, layout, entry)
     leaked = set(train_ids) & set(entry["test"])
     if leaked:
         raise StageError(f"quality: fold {fold} generator trained on {len(leaked)} test ids, e.g. {sorted(leaked)[:3]}")
     train, held = _subset(real, train_ids, "training", fold), _subset(real, list(entry["test"]), "test", fold)
     if len(train) < 2:
         raise StageError(f"quality: fold {fold} has {len(train)} real training image(s); at least 2 are needed")
-    synth = read_parquet(shards)
+    synth = read_synthetic(layout, fold, cfg=cfg)
     if synth.spatial_shape != real.spatial_shape:
         raise StageError(f"quality: fold {fold} synthetic shape {synth.spatial_shape} differs from the prepared "
                          f"data's {real.spatial_shape}; re-run `raysynth sample`")
@@ -324,4 +321,4 @@ def _name(class_names: list[str], c: Any) -> str:
     return f"class {name}" if name == "overall" else name  # never shadow the overall group
 
 
-__all__ = ["assess_quality", "raise_if_failed", "COMPARISONS", "DIGEST_SECTIONS"]
+__all__ = ["assess_quality", "COMPARISONS"]

@@ -24,6 +24,13 @@ def _nan() -> float:
     return float("nan")
 
 
+def corrected_se(sd: float, n: int, test_train_ratio: float) -> float:
+    """Nadeau–Bengio corrected standard error of a mean over ``n`` resampled splits:
+    ``sd * sqrt(1/n + n_test/n_train)`` instead of ``sd / sqrt(n)``, since the splits' training
+    sets overlap (Nadeau & Bengio 2003)."""
+    return sd * math.sqrt(1.0 / n + test_train_ratio)
+
+
 def paired_comparison(
     a: np.ndarray,
     b: np.ndarray,
@@ -101,7 +108,7 @@ def paired_comparison(
         out["hedges_gz"] = (1.0 - 3.0 / (4.0 * (n - 1) - 1.0)) * mean / sd
         # 3. Nadeau–Bengio: Var(mean d) ≈ (1/n + n_test/n_train) sd^2 instead of sd^2 / n.
         if n_train is not None:
-            se_nb = math.sqrt((1.0 / n + n_test / n_train) * sd**2)
+            se_nb = corrected_se(sd, n, n_test / n_train)
             t_nb = mean / se_nb
             out["nb_t"] = t_nb
             out["nb_p"] = float(2.0 * stats.t.sf(abs(t_nb), df=n - 1))

@@ -1,0 +1,49 @@
+"""The raw inputs as loaded, before preprocessing: one :class:`RawScan` per image or volume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+
+
+@dataclass
+class RawScan:
+    """One raw 2D image ``(H, W)`` or 3D volume ``(X, Y, Z)`` in scanner units (float32)."""
+
+    id: str
+    subject: str
+    label: int
+    image: np.ndarray
+    mask: Optional[np.ndarray] = None
+    """Integer label map of ``image.shape`` (uint8), or None."""
+    spacing: tuple[float, ...] = ()
+    affine: Optional[np.ndarray] = None
+    """NIfTI 4x4 voxel-to-RAS affine after reorientation (3D only)."""
+    source: Optional[str] = None
+    """Path relative to ``data.source``. Kept for the fingerprint; never copied to outputs."""
+
+
+@dataclass
+class RawSet:
+    scans: list[RawScan]
+    class_names: list[str]
+    mask_names: Optional[list[str]]
+    kind: str
+    """``phantom``, ``phantom-shifted``, ``images`` or ``nifti``."""
+    skipped: list[str] = field(default_factory=list)
+    """Relative paths left out under ``bad_files="skip"``."""
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray([s.label for s in self.scans], dtype=np.int64)
+
+
+def grid_affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
+    """A RAS affine for a volume of ``shape`` (D, H, W) with ``spacing`` mm, centred on the origin."""
+    if len(shape) != 3 or len(spacing) != 3:
+        raise ValueError(f"grid_affine: need 3D shape and spacing, got {tuple(shape)} and {tuple(spacing)}")
+    affine = np.diag([float(s) for s in spacing] + [1.0])
+    affine[:3, 3] = -0.5 * (np.asarray(shape, dtype=float) - 1.0) * np.asarray(spacing, dtype=float)
+    return affine
