@@ -70,3 +70,22 @@ def make_splits(
             out.append({"fold": r * folds + k, "repeat": r,
                         "train": [keys[i] for i in np.sort(train)], "test": [keys[i] for i in np.sort(test)]})
     return out
+
+
+def holdout_split(labels: Sequence[int] | np.ndarray, subjects: Sequence[str], fraction: float,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``(kept, held_out)``: about ``fraction`` of the records held out, stratified by
+    label and grouped by subject (slices or near-duplicates of one subject stay on one side).
+
+    The held-out part is one fold of ``round(1 / fraction)`` stratified group folds, seeded.
+    Raises :class:`InputError` when there are fewer subjects than that.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction: {fraction} must lie strictly between 0 and 1")
+    labels = np.asarray(labels, dtype=np.int64)
+    n_splits = max(2, round(1.0 / fraction))
+    if len(set(subjects)) < n_splits:
+        raise InputError(f"{len(set(subjects))} subject(s) cannot give a {fraction:g} held-out part; add data")
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed % 2**31)
+    kept, held = next(splitter.split(np.zeros(len(labels)), labels, np.asarray([str(s) for s in subjects])))
+    return np.sort(kept), np.sort(held)

@@ -212,6 +212,9 @@ def reliability_curve(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = 10) 
 
     Returns keys (lists of length ``n_bins``): ``bin_edges`` (``n_bins + 1``), ``confidence``
     (mean max-probability per bin, nan if empty), ``accuracy`` (per bin, nan if empty), ``count``.
+
+    Not ``sklearn.calibration.calibration_curve``: it drops empty bins and returns no counts, and
+    the ECE and the report's diagrams need every bin with its count.
     """
     if n_bins < 1:
         raise ValueError(f"n_bins: {n_bins} must be >= 1")

@@ -28,6 +28,7 @@ from raysynth.artifacts import (
 )
 from raysynth.config import Config
 from raysynth.data.schema import ImageSet
+from raysynth.data.splits import holdout_split
 from raysynth.errors import StageError
 from raysynth.io import write_json
 from raysynth.quality.features import CHANNELS, Encoder, random_encoder, train_encoder
@@ -178,15 +179,6 @@ def _subset(real: ImageSet, ids: list[str], what: str, fold: int) -> ImageSet:
                          "re-run `raysynth prepare` and the later stages") from None
 
 
-def _stratified_halves(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    a, b = [], []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        a.append(idx[: (len(idx) + 1) // 2])
-        b.append(idx[(len(idx) + 1) // 2 :])
-    return np.sort(np.concatenate(a)), np.sort(np.concatenate(b))
-
-
 def _compare(real_f: np.ndarray, fake_f: np.ndarray, k: int, seed: int) -> dict[str, Any]:
     out: dict[str, Any] = {"n_real": int(len(real_f)), "n_fake": int(len(fake_f))}
     if min(len(real_f), len(fake_f)) < 2:
@@ -247,7 +239,8 @@ def _assess_fold(cfg: Config, layout: Layout, real: ImageSet, class_names: list[
     encoder.description["heldout_accuracy"] = encoder.accuracy(held.images, held.labels)
     f_train, f_held, f_synth = (encoder.features(s.images) for s in (train, held, synth))
     # 3. Fidelity and coverage, each with its real-vs-real reference, overall and per class.
-    half_a, half_b = _stratified_halves(train.labels, rng)
+    # Halves grouped by subject: a patient's neighbouring slices on both sides would shrink the reference.
+    half_a, half_b = holdout_split(train.labels, train.subjects, 0.5, derive_seed(seed, 1))
     matched = np.concatenate([rng.permutation(np.flatnonzero(synth.labels == c))[: int(np.sum(train.labels[half_b] == c))]
                               for c in np.unique(train.labels)]).astype(np.int64)
     groups = {"overall": None, **{_name(class_names, c): int(c) for c in sorted(set(train.labels) | set(synth.labels))}}

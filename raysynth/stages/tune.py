@@ -37,7 +37,8 @@ from raysynth.design import generator_train_ids, largest_remainder
 from raysynth.diffusion.process import PROCESSES as PROCESS_CLASSES
 from raysynth.diffusion.trainer import training_tensors
 from raysynth.diffusion.tune_trial import COVARIANCE, trial_diffusion, tune_trial
-from raysynth.errors import StageError
+from raysynth.data.splits import holdout_split
+from raysynth.errors import InputError, StageError
 from raysynth.io import write_json, write_table, write_text
 from raysynth.quality.features import random_encoder, train_encoder
 from raysynth.quality.metrics import frechet_distance
@@ -90,20 +91,14 @@ def resolve_settings(settings: Optional[dict] = None) -> dict[str, Any]:
 
 def validation_split(ids: list[str], labels: np.ndarray, subjects: list[str], fraction: float,
                      seed: int) -> tuple[list[str], list[str]]:
-    """Split ``ids`` into (generator-training, validation), stratified by label and grouped by subject.
-
-    Slices of one volume stay on one side: a validation slice next to its training neighbour
-    would reward memorisation. The validation part is one fold of ``round(1 / fraction)``.
-    """
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    n_splits = max(2, round(1.0 / fraction))
-    if len(set(subjects)) < n_splits:
-        raise StageError(f"tune: {len(set(subjects))} subjects cannot give a {fraction:g} validation split; "
-                         "lower tune.val_fraction or add data")
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed % 2**31)
-    train, val = next(splitter.split(np.zeros(len(ids)), np.asarray(labels), np.asarray(subjects)))
-    return [ids[i] for i in np.sort(train)], [ids[i] for i in np.sort(val)]
+    """Split ``ids`` into (generator-training, validation), stratified by label and grouped by subject
+    (:func:`raysynth.data.splits.holdout_split`): a validation slice next to its training neighbour
+    would reward memorisation."""
+    try:
+        train, val = holdout_split(labels, subjects, fraction, seed)
+    except InputError as exc:
+        raise StageError(f"tune: {exc}; lower tune.val_fraction or add data") from None
+    return [ids[i] for i in train], [ids[i] for i in val]
 
 
 def search_space(s: dict[str, Any]) -> dict[str, Any]:
