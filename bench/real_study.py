@@ -1,12 +1,19 @@
 """The full study design on real brain MRI (a benchmark, not a test): does synthetic data help?
 
-    .venv/bin/python bench/real_study.py [--data DIR] [--out DIR] [--set key=value ...] [--benchmarks BENCHMARKS.md]
+    .venv/bin/python bench/real_study.py --dataset 4class|seg2d [--data DIR] [--out DIR] [--set key=value ...]
+                                         [--benchmarks BENCHMARKS.md]
 
-Runs prepare -> train -> sample -> quality -> study -> report on a class-folder image set (by
-default /work/shared/data/brain-tumor-mri-4class/Training: 4 classes, 399 JPEGs) with a config
-sized for a 2-core CPU machine in about 40 minutes: 32x32 images, 3-fold CV, real fractions 25%
-and 100% (one generator per fold and fraction, trained only on that fraction's subset), ratio 1,
-and all five arms. Every stage skips finished work, so rerunning the same command after a crash
+Runs prepare -> train -> sample -> quality -> study -> robustness -> report on one of the real
+sets in ``../shared/data`` (beside the checkout; read in place, never copied), with a config sized
+for a 2-core CPU machine: 32x32 images, 3-fold CV, real fractions 25% and 100% (one generator per
+fold and fraction, trained only on that fraction's subset), ratio 1, and every arm that fits.
+
+- ``4class``: ``brain-tumor-mri-4class/Training`` (4 classes of JPEG slices), classification.
+- ``seg2d``: ``brain-mri-seg2d`` (242 FLAIR-abnormality slices of 7 LGG patients), segmentation,
+  split by patient (``data.subject_pattern``), its three sequences (T1, FLAIR, T1c in the RGB
+  channels) as three input channels (``data.channels=rgb``).
+
+Every stage skips finished work, so rerunning the same command after a crash
 resumes. Prints, per arm and real-data size, the mean and 95% CI of balanced accuracy and AUC and
 the paired comparisons against baseline; with ``--benchmarks`` it also writes them to that file
 under the heading below, replacing an earlier version of the section and keeping the others.
@@ -26,12 +33,12 @@ from pathlib import Path
 from raysynth.config import load_config
 from raysynth.artifacts import Layout, read_json
 from raysynth.pipeline import STAGES, run_stage
+from raysynth.render.text import fmt
 
-HEADING = "## Real-data study: brain-tumor-mri-4class"
-DATA = "/work/shared/data/brain-tumor-mri-4class/Training"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # Sized for 2 CPU cores and ~40 minutes; each line says what it trades away.
-SETTINGS = [
+COMMON = [
     "data.image_size=32",                        # 4x fewer pixels than the default 64
     "cv.folds=3",                                # 3 splits: the least that gives every test a variance
     "diffusion.channels=[32,64]",                # a two-level UNet; the default has three
@@ -41,7 +48,6 @@ SETTINGS = [
     "diffusion.log_every=100",
     "sampling.steps=20",
     "sampling.max_actors=2",
-    "study.arms=[baseline,classical,synthetic,synthetic+classical,synthetic_only]",
     "study.ratios=[1]",
     "study.real_fractions=[0.25,1.0]",
     "study.seeds=[0]",
@@ -49,7 +55,35 @@ SETTINGS = [
     "study.width=16",
     "quality.encoder_epochs=5",
 ]
-METRICS = ("balanced_accuracy", "auc")
+DATASETS = {
+    "4class": {
+        "heading": "## Real-data study: brain-tumor-mri-4class (classification)",
+        "data": SHARED / "brain-tumor-mri-4class" / "Training",
+        "settings": ["study.arms=[baseline,classical,synthetic,synthetic+classical,synthetic_only]"],
+        "metrics": ("balanced_accuracy", "auc"),
+    },
+    "seg2d": {
+        "heading": "## Real-data study: brain-mri-seg2d (segmentation, split by patient)",
+        "data": SHARED / "brain-mri-seg2d",
+        "settings": ["data.task=segmentation", "data.channels=rgb", "data.subject_pattern=^(TCGA_[A-Z]{2}_[0-9]{4})",
+                     "study.arms=[baseline,classical,synthetic,synthetic+classical]"],
+        "metrics": ("mean_dice", "mean_hd95"),
+    },
+}
+SETTINGS: list[str] = []
+METRICS: tuple[str, ...] = ()
+HEADING = ""
+DATASET = ""
+
+
+def cpu() -> str:
+    """The CPU model and its vector extensions, as BENCHMARKS.md states them with every timing."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model} ({', '.join(ext) or 'no AVX2'})"
 
 
 def run(data: str, out: str, extra: list[str]) -> tuple[dict, dict, object]:
@@ -59,7 +93,7 @@ def run(data: str, out: str, extra: list[str]) -> tuple[dict, dict, object]:
     for stage in STAGES:
         t0 = time.perf_counter()
         print(f"[{time.strftime('%H:%M:%S')}] {stage} ...", flush=True)
-        run_stage(stage, cfg, layout)
+        run_stage(stage, cfg, layout, enforce_gate=False)  # the gate's verdict is reported below
         timings[stage] = round(time.perf_counter() - t0, 1)
         print(f"[{time.strftime('%H:%M:%S')}] {stage} done in {timings[stage]:.0f}s", flush=True)
     return read_json(layout.report / "report.json"), timings, cfg
@@ -67,13 +101,14 @@ def run(data: str, out: str, extra: list[str]) -> tuple[dict, dict, object]:
 
 def tables(report: dict) -> list[str]:
     """Markdown tables: per size and arm, mean [corrected 95% CI]; then the paired comparisons."""
-    lines = ["| real data (n per split) | arm | balanced accuracy | AUC |", "|---|---|---|---|"]
+    lines = ["| real data (n per split) | arm | " + " | ".join(m.replace("_", " ") for m in METRICS) + " |",
+             "|---|---|" + "---|" * len(METRICS)]
     sizes = report["design"]["sizes"]
     for p in sorted(report["summary"], key=float, reverse=True):
         for c in report["design"]["conditions"]:
             cell = report["summary"][p].get(c)
             if cell:
-                vals = [f"{cell[m]['mean']:.3f} [{cell[m]['nb_ci_low']:.3f}, {cell[m]['nb_ci_high']:.3f}]"
+                vals = [f"{fmt(cell[m]['mean'])} [{fmt(cell[m]['nb_ci_low'])}, {fmt(cell[m]['nb_ci_high'])}]"
                         if m in cell else "n/a" for m in METRICS]
                 lines.append(f"| {float(p):.0%} ({sizes[p]['n_real']:.0f}) | {c} | " + " | ".join(vals) + " |")
     lines += ["", "| real data | arm - baseline | metric | mean diff | corrected 95% CI | bootstrap 95% CI | "
@@ -83,20 +118,24 @@ def tables(report: dict) -> list[str]:
             for m in METRICS:
                 r = by_metric.get(m, {})
                 if "mean_diff" in r:
-                    lines.append(f"| {float(p):.0%} | {c} | {m} | {r['mean_diff']:+.3f} | [{r['nb_ci_low']:+.3f}, "
-                                 f"{r['nb_ci_high']:+.3f}] | [{r['boot_ci_low']:+.3f}, "
-                                 f"{r['boot_ci_high']:+.3f}] | {r['nb_p']:.3f} ({r['nb_p_holm']:.3f}) | {r['t_p']:.3f} | "
-                                 f"{r['wilcoxon_p']:.3f} |")
+                    d = {k: _signed(r.get(k)) for k in ("mean_diff", "nb_ci_low", "nb_ci_high", "boot_ci_low", "boot_ci_high")}
+                    lines.append(f"| {float(p):.0%} | {c} | {m} | {d['mean_diff']} | [{d['nb_ci_low']}, {d['nb_ci_high']}] | "
+                                 f"[{d['boot_ci_low']}, {d['boot_ci_high']}] | {fmt(r.get('nb_p'))} ({fmt(r.get('nb_p_holm'))}) | "
+                                 f"{fmt(r.get('t_p'))} | {fmt(r.get('wilcoxon_p'))} |")
     return lines
 
 
+def _signed(x) -> str:
+    return "n/a" if x is None or x != x else f"{x:+.3f}"
+
+
 def section(report: dict, timings: dict, cfg, out: str) -> str:
-    machine = f"{os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU, shared with other jobs"
+    machine = f"{os.cpu_count()} cores of {cpu()}, no GPU, shared with other jobs"
     gens = report["generators"]
     lines = [
         HEADING, "",
         f"Date: {time.strftime('%Y-%m-%d')}. Machine: {machine}. Command: `.venv/bin/python bench/real_study.py "
-        f"--out {out} --benchmarks BENCHMARKS.md`. Data: `{cfg.data.source}` ({report['data'].get('num_records')} images, "
+        f"--dataset {DATASET} --out {out} --benchmarks BENCHMARKS.md`. Data: `{cfg.data.source}` ({report['data'].get('num_records')} images, "
         + ", ".join(f"{k} {v}" for k, v in report["data"].get("counts", {}).items()) + "), read in place.",
         "",
         "Method: the default preset with these overrides (sized for 2 cores): `" + "`, `".join(SETTINGS) + "`. "
@@ -105,6 +144,10 @@ def section(report: dict, timings: dict, cfg, out: str) -> str:
         "Intervals of single arms are Nadeau-Bengio corrected 95% t intervals over splits; comparisons are paired by "
         "split, with the corrected resampled t-test as the primary test and Holm across the arms at one size.",
         "",
+        _duplicates_line(out),
+        "",
+        _gate_line(report),
+        "",
         "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())
         + f"; total {sum(timings.values()) / 60:.1f} min.",
         "",
@@ -112,6 +155,23 @@ def section(report: dict, timings: dict, cfg, out: str) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _duplicates_line(out: str) -> str:
+    d = read_json(Layout.at(out).fingerprint).get("duplicates", {})
+    return (f"Duplicates (`data.duplicates={d.get('policy')}`, {d.get('method')}, threshold {d.get('threshold')}): "
+            f"{d.get('num_groups')} groups holding {d.get('num_grouped_images')} images "
+            f"({d.get('num_exact')} exact copies), each group made one subject so that it never spans folds.")
+
+
+def _gate_line(report: dict) -> str:
+    q = report.get("quality") or {}
+    gate = q.get("gate", {})
+    thresholds = ", ".join(fmt(v) for v in gate.get("effective_thresholds", {}).values())
+    verdict = q.get("privacy_verdict") or ("passed" if q.get("privacy_passed") else "failed")
+    return (f"Privacy gate: {verdict}; effective NCC thresholds per "
+            f"split (the held-out real images' {gate.get('reference_quantile')} quantile, at least "
+            f"{gate.get('ncc_threshold')}): {thresholds}.")
 
 
 def update_benchmarks(path: Path, text: str) -> None:
@@ -123,14 +183,21 @@ def update_benchmarks(path: Path, text: str) -> None:
 
 
 def main() -> None:
+    global SETTINGS, METRICS, HEADING, DATASET
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=DATA)
-    parser.add_argument("--out", default="runs/real_study")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="4class")
+    parser.add_argument("--data", help="the set's folder (default: ../shared/data/<set>)")
+    parser.add_argument("--out", help="output folder (default: runs/real_study_<set>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra config overrides")
     parser.add_argument("--benchmarks", help="write the results into this Markdown file (e.g. BENCHMARKS.md)")
     args = parser.parse_args()
+    profile = DATASETS[args.dataset]
+    DATASET, HEADING, METRICS = args.dataset, profile["heading"], profile["metrics"]
+    SETTINGS = [*COMMON, *profile["settings"]]
+    args.data = args.data or str(profile["data"])
     if not Path(args.data).is_dir():
         raise SystemExit(f"real_study: no data at {args.data}")
+    args.out = args.out or f"runs/real_study_{args.dataset}"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     report, timings, cfg = run(args.data, args.out, args.overrides)
     text = section(report, timings, cfg, args.out)

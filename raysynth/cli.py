@@ -29,8 +29,43 @@ COMMANDS = {
 }
 
 
+def version_text() -> str:
+    """``raysynth 0.1.0 (ray 2.60.0, torch 2.13.0, diffusers 0.42.1, monai 1.6.1)``, read from the
+    installed distributions without importing them."""
+    import importlib.metadata as md
+
+    def of(name: str) -> str:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    return f"raysynth {of('raysynth')} (" + ", ".join(f"{n} {of(n)}" for n in ("ray", "torch", "diffusers", "monai")) + ")"
+
+
+def config_diff(cfg) -> str:
+    """The keys of ``cfg`` whose values differ from the defaults, as YAML (``{}`` when none)."""
+    import yaml
+
+    def diff(a: dict, b: dict) -> dict:
+        out = {}
+        for key, value in a.items():
+            if isinstance(value, dict) and isinstance(b.get(key), dict):
+                sub = diff(value, b[key])
+                if sub:
+                    out[key] = sub
+            elif b.get(key) != value:
+                out[key] = value
+        return out
+
+    changed = diff(cfg.to_dict(), load_config("default").to_dict())
+    return yaml.safe_dump(changed, sort_keys=False) if changed else "{}\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raysynth", description="Synthetic MRI with diffusion models on Ray.")
+    parser.add_argument("--version", action="version", version=version_text(),
+                        help="print raysynth's version and those of Ray, torch, diffusers and MONAI")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -41,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", metavar="PATH", help="class-folder image set or NIfTI folder; default: embedded cohort")
         p.add_argument("--dims", type=int, choices=(2, 3), help="2D images or 3D volumes (data.dims)")
         p.add_argument("--task", choices=("classification", "segmentation"), help="downstream task (data.task)")
+        if name == "config":
+            p.add_argument("--diff", action="store_true", help="print only what differs from the defaults")
         if name != "config":
             p.add_argument("--out", metavar="DIR|URI",
                            help="output root: a folder, or a URI such as s3://bucket/run1 (default: runs/<preset>)")
@@ -82,7 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = resolve_config(args)
         if args.command == "config":
-            sys.stdout.write(cfg.to_yaml())
+            sys.stdout.write(config_diff(cfg) if args.diff else cfg.to_yaml())
             return 0
         layout = Layout.at(args.out or f"runs/{args.preset}")
         return _run(args, cfg, layout)

@@ -10,9 +10,10 @@ option strings list the valid choices (diffusers style).
 import hashlib
 import json
 import math
+import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import annotated_types
 import yaml
@@ -41,6 +42,7 @@ Process = Literal["ddpm", "gamma"]
 Sampler = Literal["ddpm", "ddim", "dpmsolver++", "euler", "heun"]
 Denoise = Literal["none", "gaussian", "median"]
 BadFilePolicy = Literal["error", "skip"]
+DuplicatePolicy = Literal["group", "drop", "keep"]
 Encoder = Literal["trained", "random"]
 ClassBalance = Literal["balanced", "proportional"]
 CorruptionName = Literal["noise", "bias", "ghosting", "spike", "gibbs", "blur", "contrast"]
@@ -146,6 +148,49 @@ class DataConfig(_Model):
     foreground_crop: bool = False
     bad_files: BadFilePolicy = "error"
     """``error``: the first unreadable input stops the stage. ``skip``: warn and leave it out."""
+    channels: Union[Literal["grey", "rgb"], _list(str)] = "grey"
+    """What one scan's channels are: ``grey`` (one channel; a colour picture must have equal channels), ``rgb``
+    (each colour channel of a picture is a sequence, e.g. T1, FLAIR, T1c), or a list of NIfTI file
+    suffixes (``[t1, t1c, t2, flair]``: ``x_t1.nii.gz``, ``x_t1c.nii.gz``, ... make one scan)."""
+    duplicates: DuplicatePolicy = "group"
+    """Exact and near-duplicate images: ``group`` them into one subject (so a group never spans
+    folds), ``drop`` all but one image per group, or ``keep`` them as they are (with a warning)."""
+    duplicate_threshold: _Float = Field(0.97, gt=0, le=1)
+    """Near-duplicates: normalised correlation at or above this, after a search over scale, shift and
+    a left-right flip (``raysynth.data.duplicates``; precision and recall in BENCHMARKS.md)."""
+    subject_pattern: Optional[str] = None
+    """2D folders: a regular expression on the file name whose first group is the subject id
+    (``^(TCGA_[A-Z]{2}_[0-9]{4})``); slices of one subject stay in one fold. A ``subjects.csv``
+    (``file,subject``) in the folder does the same."""
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channels_form(cls, v: Any) -> Any:
+        if isinstance(v, tuple):
+            v = list(v)
+        if not (v in ("grey", "rgb") or (isinstance(v, list) and all(isinstance(c, str) for c in v))):
+            raise ValueError(f"{v!r} is not valid; choose grey, rgb, or a list of NIfTI suffixes such as [t1, flair]")
+        return v
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v: Any) -> Any:
+        if isinstance(v, list) and (not v or not _distinct(v) or any(not c.strip() for c in v)):
+            raise ValueError(f"{v} must be grey, rgb, or a list of distinct NIfTI suffixes")
+        return v
+
+    @field_validator("subject_pattern")
+    @classmethod
+    def _pattern(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        try:
+            compiled = re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"{v!r} is not a regular expression ({exc})") from None
+        if compiled.groups < 1:
+            raise ValueError(f"{v!r} needs a group, e.g. ^(TCGA_[A-Z]{{2}}_[0-9]{{4}}): its first group is the subject id")
+        return v
 
     @field_validator("image_size")
     @classmethod

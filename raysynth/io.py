@@ -8,6 +8,7 @@ object-store push never sees half a file, and a crash leaves at most a stray ``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,8 +43,23 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically, so readers never see half a file (numpy scalars and paths allowed)."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Write strict JSON atomically, so readers never see half a file (numpy scalars and paths allowed).
+
+    NaN and infinities, which ``jq`` and a browser's ``JSON.parse`` reject, are written as ``null``."""
+    write_text(path, json.dumps(strict(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")
+
+
+def strict(obj: Any) -> Any:
+    """``obj`` with numpy values made plain and every non-finite float replaced by None."""
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    return strict(_json_default(obj))
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -83,6 +83,14 @@ def enforce_privacy_gate(summary: dict[str, Any], report: Any = None, outcome: O
     if summary.get("privacy_passed", False):
         return
     gate = summary["gate"]
+    blind = [r["fold"] for r in summary["folds"] if not r["gate"].get("discriminates", True)]
+    if blind and all(r["gate"]["passed"] or r["fold"] in blind for r in summary["folds"]):
+        error = PrivacyGateError(
+            f"privacy gate inconclusive: in fold(s) {blind} held-out real images reach NCC 1 with training images, "
+            "so the gate cannot flag near-copies; look for duplicates across the split (data.duplicates=group) "
+            "and see quality/ncc_hist.png" + (f"; report: {report}" if report is not None else ""))
+        error.outcome = outcome
+        raise error
     bad = ", ".join(f"fold {r['fold']}: {r['gate']['count']}/{r['gate']['total']} "
                     f"({100 * r['gate']['fraction']:.1f}%, held-out real {100 * r['gate'].get('reference_fraction', 0):.1f}%)"
                     for r in summary["folds"] if not r["gate"]["passed"])

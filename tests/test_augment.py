@@ -11,7 +11,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def phantom(n=3, size=16, dims=2, seed=0):
-    """(N, *S) float32 in [-1, 1]: a bright off-centre disc on a dark background, mildly noisy."""
+    """(N, 1, *S) float32 in [-1, 1]: a bright off-centre disc on a dark background, mildly noisy."""
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.arange(size)] * dims, indexing="ij"))
     out = []
@@ -19,12 +19,12 @@ def phantom(n=3, size=16, dims=2, seed=0):
         centre = rng.uniform(size * 0.35, size * 0.6, dims).reshape(-1, *[1] * dims)
         disc = ((grid - centre) ** 2).sum(0) < (size * 0.3) ** 2
         out.append(np.where(disc, 0.5, -0.8) + rng.normal(0, 0.05, (size,) * dims))
-    return np.clip(np.stack(out), -1, 1).astype(np.float32)
+    return np.clip(np.stack(out), -1, 1).astype(np.float32)[:, None]
 
 
 def batch(dims=2, n=6, size=16):
     images = torch.from_numpy(phantom(n, size, dims))
-    return images[:, None], (images > 0).to(torch.uint8)
+    return images, (images[:, 0] > 0).to(torch.uint8)
 
 
 @pytest.mark.parametrize("dims,segmentation", [(2, False), (2, True), (3, False), (3, True)])
@@ -168,3 +168,28 @@ def test_corruption_invalid_arguments(args, match):
 def test_corruption_rejects_wrong_dimensionality():
     with pytest.raises(ValueError, match="images"):
         build_corruption("blur", 1, 0, dims=3)(phantom(2, 8, 2))
+
+
+def test_augment_three_channels_share_the_spatial_transform():
+    """Three identical sequences stay identical under flips, affine and elastic moves: one
+    spatial draw per sample for all channels (intensity transforms may differ by channel)."""
+    x, m = batch(2)
+    x3 = x.repeat(1, 3, 1, 1)
+    out, masks = build_classical_augment(2, 0, segmentation=True)(x3, m)
+    assert out.shape == x3.shape and masks.shape == m.shape
+    # where the mask says foreground, every channel is bright; where background, dark (shared geometry)
+    for c in range(3):
+        inside, outside = out[:, c][masks == 1], out[:, c][masks == 0]
+        assert float(inside.mean()) > float(outside.mean()) + 0.5
+
+
+@pytest.mark.parametrize("name", CORRUPTIONS)
+def test_corruption_acts_on_every_channel(name):
+    clean = phantom(3, 16, 2, seed=1)
+    multi = np.concatenate([clean, -clean, clean * 0.5], axis=1)  # three sequences
+    out = build_corruption(name, 3, seed=5, dims=2)(multi)
+    assert out.shape == multi.shape and out.dtype == np.float32 and out.min() >= -1 and out.max() <= 1
+    for c in range(3):
+        assert not np.allclose(out[:, c], multi[:, c])
+    if name in ("gibbs", "blur"):  # deterministic and channel-wise: each channel as if alone
+        np.testing.assert_allclose(out[:, :1], build_corruption(name, 3, seed=5, dims=2)(clean), atol=1e-6)

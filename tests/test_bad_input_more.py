@@ -276,6 +276,57 @@ def _dangling_symlink(tmp: Path) -> Case:
     return Case(root, "b/moved.png", skippable=True)
 
 
+# ---- real folders (issue 15) -------------------------------------------------------------------
+
+
+def _labels_csv_blank_subject(tmp: Path) -> Case:
+    root = volumes(tmp / "d")
+    rows = [f"v{i}.nii.gz,{'ab'[i % 2]},{'' if i == 4 else f'sub{i // 2}'},T1,42" for i in range(6)]
+    (root / "labels.csv").write_text("file,label,subject,modality,age\n" + "\n".join(rows) + "\n")
+    return Case(root, "v4.nii.gz", DIMS3)
+
+
+def _subject_pattern_matches_nothing(tmp: Path) -> Case:
+    return Case(pictures(tmp / "d"), "a0.png", ["data.subject_pattern=^(TCGA_[A-Z]{2}_[0-9]{4})"])
+
+
+def _rgb_picture_in_a_grey_set(tmp: Path) -> Case:
+    root = pictures(tmp / "d")
+    colour = np.random.default_rng(7).integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    Image.fromarray(colour).save(root / "a" / "colour.png")
+    return Case(root, "a/colour.png")
+
+
+def _grey_picture_in_an_rgb_set(tmp: Path) -> Case:
+    root = tmp / "d"
+    for i in range(3):
+        for cls, seed in (("a", i), ("b", 100 + i)):
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            rgb = np.random.default_rng(seed).integers(0, 256, (10, 12, 3), dtype=np.uint8)
+            Image.fromarray(rgb).save(root / cls / f"{cls}{i}.png")
+    picture(root / "b" / "grey.png", seed=9)
+    return Case(root, "b/grey.png", ["data.channels=rgb"])
+
+
+def _sequence_missing(tmp: Path) -> Case:
+    """One NIfTI per sequence; subject s3 has no flair. A per-scan problem: skippable."""
+    root = tmp / "d"
+    rows = []
+    for i in range(7):
+        for seq in ("t1", "flair"):
+            if (i, seq) != (3, "flair"):
+                volume(root / f"s{i}_{seq}.nii.gz", seed=10 * i + len(seq))
+                rows.append(f"s{i}_{seq}.nii.gz,{'ab'[i % 2]}")
+    (root / "labels.csv").write_text("file,label\n" + "\n".join(rows) + "\n")
+    return Case(root, "s3_t1.nii.gz", [*DIMS3, "data.channels=[t1,flair]"], skippable=True)
+
+
+def _duplicates_with_conflicting_labels(tmp: Path) -> Case:
+    root = pictures(tmp / "d")
+    (root / "b" / "refiled.png").write_bytes((root / "a" / "a1.png").read_bytes())
+    return Case(root, "b/refiled.png")
+
+
 ERROR_CASES: dict[str, Callable[[Path], Case]] = {
     "truncated .nii.gz": _truncated_nifti,
     ".nii.gz that is not gzip": _nifti_not_gzip,
@@ -302,6 +353,12 @@ ERROR_CASES: dict[str, Callable[[Path], Case]] = {
     "labels.csv not UTF-8": _labels_csv_not_utf8,
     "symlink loop with an image name": _symlink_loop_file,
     "dangling symlink with an image name": _dangling_symlink,
+    "labels.csv with extra columns and a blank subject": _labels_csv_blank_subject,
+    "subject pattern that matches nothing": _subject_pattern_matches_nothing,
+    "RGB picture in a grey set": _rgb_picture_in_a_grey_set,
+    "grey picture in an RGB set": _grey_picture_in_an_rgb_set,
+    "sequence missing for one subject": _sequence_missing,
+    "duplicate group with conflicting labels": _duplicates_with_conflicting_labels,
 }
 
 
@@ -310,7 +367,7 @@ SKIPPABLE = [
     "truncated .nii.gz", ".nii.gz that is not gzip", "NaN voxels", "Inf voxels", "constant volume",
     "constant picture", "zero-byte NIfTI", "zero-byte picture", "corrupt picture", "absurd header size (.nii)",
     "absurd header size (.nii.gz)", "NIfTI with a zero-size dimension", "NIfTI with a NaN in its affine",
-    "symlink loop with an image name", "dangling symlink with an image name",
+    "symlink loop with an image name", "dangling symlink with an image name", "sequence missing for one subject",
 ]
 """Per-file problems: ``bad_files=skip`` leaves them out. The rest are structural and stay errors."""
 
@@ -504,10 +561,10 @@ def test_mixed_orientations_and_spacings_are_reoriented_and_resampled(tmp_path, 
     from raysynth.data.schema import read_parquet
 
     root = _mixed_geometry(tmp_path / "d")
-    case = Case(root, "", [f"data.dims={dims}"])
+    case = Case(root, "", [f"data.dims={dims}", "data.duplicates=keep"])  # one volume stored four ways
     fingerprint = _prepare_ok(case, tmp_path, capsys)
     data = read_parquet(tmp_path / "out" / "prepared" / "data.parquet")
-    assert data.images.shape == (4,) + (16,) * dims
+    assert data.images.shape == (4, 1) + (16,) * dims
     assert np.isfinite(data.images).all() and np.abs(data.images).max() <= 1.0
     by_file = {s["path"]: s["subject"] for s in fingerprint["sources"]}
     image = {name: data.images[data.subjects.index(by_file[name])] for name in by_file}

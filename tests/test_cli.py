@@ -85,3 +85,20 @@ def test_class_folder_prepares(capsys, tmp_path):
                      "--set", "cv.folds=2")
     assert code == 0
     assert (tmp_path / "o" / "prepared" / "splits.json").is_file()
+
+
+def test_version_names_the_libraries(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith("raysynth ")
+    assert all(f"{name} " in out for name in ("ray", "torch", "diffusers", "monai"))
+
+
+def test_config_diff_prints_only_what_differs(capsys):
+    assert main(["config", "--diff"]) == 0
+    assert capsys.readouterr().out.strip() == "{}"
+    assert main(["config", "--preset", "smoke", "--diff", "--set", "study.epochs=7"]) == 0
+    changed = yaml.safe_load(capsys.readouterr().out)
+    assert changed["study"]["epochs"] == 7 and changed["data"]["image_size"] == 16
+    assert "source" not in changed["data"] and "task" not in changed["data"]  # unchanged keys stay out

@@ -9,7 +9,7 @@ from raysynth.downstream.augment import build_classical_augment
 from raysynth.downstream.models import build_classifier, build_segmenter, fit_and_evaluate
 
 
-def squares(n, size=16, dims=2, seed=0):
+def squares(n, size=16, dims=2, seed=0, channels=1):
     """Class 1 carries a bright square (or cube) of side min(6, size/2) at a random place; class 0
     only noise.
     The mask marks the square, so the same set serves segmentation."""
@@ -24,7 +24,10 @@ def squares(n, size=16, dims=2, seed=0):
         images[region] += 1.2
         masks[region] = 1
     ids = [f"s{seed}_{i}" for i in range(n)]
-    return ImageSet(ids=ids, subjects=ids, labels=labels, images=np.clip(images, -1, 1), masks=masks)
+    images = np.clip(images, -1, 1)[:, None]
+    if channels > 1:  # more sequences: the same square, at other contrasts (one inverted)
+        images = np.concatenate([images] + [images * (-1.0 if c % 2 else 0.8) for c in range(1, channels)], axis=1)
+    return ImageSet(ids=ids, subjects=ids, labels=labels, images=images.astype(np.float32), masks=masks)
 
 
 COMMON = dict(batch_size=8, learning_rate=3e-3, width=8)
@@ -153,3 +156,23 @@ def test_segmentation_without_masks_is_rejected():
     with pytest.raises(ValueError, match="masks"):
         fit_and_evaluate("segmentation", unmasked, squares(2, seed=1), num_classes=2, num_mask_classes=2,
                          epochs=1, batch_size=4, learning_rate=1e-3, width=4, seed=0)
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+def test_three_channel_inputs_train_evaluate_and_reload(task, tmp_path):
+    """C = 3 sequences: the network reads every channel; the saved spec rebuilds it."""
+    from raysynth.downstream.models import load_network, predict
+
+    train, test = squares(8, channels=3), squares(4, seed=1, channels=3)
+    assert train.images.shape == (8, 3, 16, 16)
+    seg = task == "segmentation"
+    r = fit_and_evaluate(task, train, test, num_classes=2, num_mask_classes=2 if seg else None, epochs=1, seed=0,
+                         augment=build_classical_augment(2, 0, segmentation=seg), save_to=tmp_path / "net.pt", **COMMON)
+    assert r["test_size"] == 4
+    model, spec = load_network(tmp_path / "net.pt")
+    assert spec.in_channels == 3
+    out = predict(model, task, test.images, batch_size=4)
+    assert out.shape == ((4, 16, 16) if seg else (4, 2))
+    with pytest.raises(ValueError, match="differs from train"):
+        fit_and_evaluate(task, train, squares(4, seed=1), num_classes=2, num_mask_classes=2 if seg else None,
+                         epochs=1, seed=0, **COMMON)

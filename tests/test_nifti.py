@@ -45,3 +45,18 @@ def test_every_free_text_field_is_blank(tmp_path):
 def test_rejects_non_volumes(tmp_path):
     with pytest.raises(ValueError, match="expected a \\(D, H, W\\) volume"):
         write_volume(tmp_path / "x.nii.gz", np.zeros((4, 4)), (1, 1))
+
+
+def test_multichannel_images_are_one_4d_file_with_channels_last(tmp_path):
+    """The documented layout: (C, x, y, z) -> one file (x, y, z, c); C = 1 stays a 3D file."""
+    vol = np.random.default_rng(2).uniform(-1, 1, (3, 8, 6, 4)).astype(np.float32)
+    write_volume(tmp_path / "m.nii.gz", vol, (2.0, 2.0, 2.0))
+    img = nib.load(tmp_path / "m.nii.gz")
+    assert img.shape == (8, 6, 4, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(np.asarray(img.dataobj)[..., c], vol[c])
+    np.testing.assert_allclose(img.affine, grid_affine((8, 6, 4), (2.0, 2.0, 2.0)))
+    write_volume(tmp_path / "g.nii.gz", vol[:1], (2.0, 2.0, 2.0))
+    assert nib.load(tmp_path / "g.nii.gz").shape == (8, 6, 4)
+    with pytest.raises(ValueError, match="volume"):
+        write_volume(tmp_path / "bad.nii.gz", vol, (1.0,) * 3, is_mask=True)

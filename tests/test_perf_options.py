@@ -104,7 +104,7 @@ def test_cpu_bf16_sampling_gives_finite_samples_in_range(tmp_path):
         dtypes = _first_conv_dtypes(sampler)
         images, masks = sampler.generate(1, [0, 1, 2, 3, 4])
         assert dtypes and set(dtypes) == {torch.bfloat16 if name == "bf16" else torch.float32}
-        assert images.shape == (5, 16, 16) and images.dtype == np.float32 and masks is None
+        assert images.shape == (5, 1, 16, 16) and images.dtype == np.float32 and masks is None
         assert np.isfinite(images).all() and images.min() >= -1.0 and images.max() <= 1.0
         out[name] = images
     diff = np.abs(out["bf16"] - out["fp32"])

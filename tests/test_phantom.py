@@ -15,7 +15,7 @@ def _cache(tmp_path, monkeypatch):
 
 
 def _arrays(raw):
-    return np.stack([s.image for s in raw.scans]), np.stack([s.mask for s in raw.scans])
+    return np.stack([s.image[0] for s in raw.scans]), np.stack([s.mask for s in raw.scans])
 
 
 @pytest.mark.parametrize(
@@ -25,6 +25,7 @@ def _arrays(raw):
 def test_shapes_types_and_units(dims, image_size, num_scans):
     raw = make_cohort(num_scans, image_size, dims, use_cache=False)
     geo = native_geometry(image_size, dims)
+    assert all(s.image.shape == (1, *geo.shape) for s in raw.scans)  # one channel, always explicit
     images, masks = _arrays(raw)
     assert images.shape == (num_scans, *geo.shape) and images.dtype == np.float32
     assert masks.shape == images.shape and masks.dtype == np.uint8
@@ -66,8 +67,8 @@ def test_lesion_lies_in_the_scan_exactly_when_labelled(dims, image_size):
         lesion = scan.mask == LESION
         assert lesion.any() == bool(scan.label), scan.id
         if scan.label:  # a blob that differs from the white matter around it, inside the brain
-            white = scan.image[scan.mask == 3].mean()
-            assert abs(scan.image[lesion].mean() / white - 1.0) > 0.1
+            white = scan.image[0][scan.mask == 3].mean()
+            assert abs(scan.image[0][lesion].mean() / white - 1.0) > 0.1
             assert lesion.sum() >= 4
 
 
@@ -119,7 +120,7 @@ def test_shifted_scanner_is_another_stream():
     assert shifted.scans[0].image.shape != base.scans[0].image.shape  # a coarser acquisition
     assert shifted.scans[0].spacing[0] > base.scans[0].spacing[0]
     # Flatter contrast: a smaller white/grey ratio than the default scanner.
-    ratio = [np.mean([s.image[s.mask == 3].mean() / s.image[s.mask == 2].mean() for s in r.scans])
+    ratio = [np.mean([s.image[0][s.mask == 3].mean() / s.image[0][s.mask == 2].mean() for s in r.scans])
              for r in (base, shifted)]
     assert ratio[1] < ratio[0]
 

@@ -93,14 +93,14 @@ def test_prepare_writes_artifacts(tmp_path):
     fp = prepare(cfg, layout)
     records, fingerprint, folds = load_prepared(layout, cfg)
     assert fingerprint == fp and read_parquet(layout.data_parquet).ids == records.ids
-    assert records.images.shape == (16, 16, 16) and records.masks is None
+    assert records.images.shape == (16, 1, 16, 16) and records.masks is None
     assert records.images.min() >= -1 and records.images.max() <= 1
     assert fp["dims"] == 2 and fp["task"] == "classification" and fp["source_kind"] == "phantom"
     assert fp["class_names"] == ["healthy", "lesion"] and fp["num_classes"] == 2
     assert fp["mask_names"] is None and fp["num_mask_classes"] == 0
     assert sum(fp["counts"].values()) == fp["num_records"] == fp["num_subjects"] == 16
     assert fp["counts"] == dict(zip(fp["class_names"], np.bincount(records.labels).tolist()))
-    assert fp["shape"] == [16, 16] and len(fp["spacing"]) == 2
+    assert fp["shape"] == [1, 16, 16] and len(fp["spacing"]) == 2 and fp["channels"] == ["grey"]
     assert fp["config_digest"] == cfg.section_digest("data", "cv") and fp["raysynth_version"]
     assert fp["intensity"]["raw"]["max"] > 100 and -1 <= fp["intensity"]["normalised"]["mean"] <= 1
     assert fp["sources"] is None and fp["created"]
@@ -182,7 +182,7 @@ def test_prepare_nifti_slices_keeps_volumes_together(tmp_path):
     cfg = config(f"data.source={src}", "data.slices_per_volume=3")
     prepare(cfg, layout)
     records, fp, folds = load_prepared(layout, cfg)
-    assert len(records) == 18 and fp["num_subjects"] == 6 and records.images.shape[1:] == (16, 16)
+    assert len(records) == 18 and fp["num_subjects"] == 6 and records.images.shape[1:] == (1, 16, 16)
     subject_of = dict(zip(records.ids, records.subjects))
     for fold in folds:
         assert {subject_of[i] for i in fold["train"]}.isdisjoint(subject_of[i] for i in fold["test"])
@@ -194,16 +194,16 @@ def test_prepare_3d_segmentation_phantom(tmp_path):
     layout = Layout.at(tmp_path / "out")
     fp = prepare(cfg, layout)
     records, _, _ = load_prepared(layout, cfg)
-    assert records.images.shape == (8, 16, 16, 16) and records.masks.shape == (8, 16, 16, 16)
+    assert records.images.shape == (8, 1, 16, 16, 16) and records.masks.shape == (8, 16, 16, 16)
     assert fp["mask_names"] == ["background", "csf", "grey_matter", "white_matter", "lesion"]
-    assert fp["num_mask_classes"] == 5 and fp["shape"] == [16, 16, 16]
+    assert fp["num_mask_classes"] == 5 and fp["shape"] == [1, 16, 16, 16]
     assert [bool((m == 4).any()) for m in records.masks] == [bool(y) for y in records.labels]
 
 
 def test_external_test_set(tmp_path):
     cfg = config()
     ext = external_test_set(cfg, num_scans=6)
-    assert ext.images.shape == (6, 16, 16) and ext.ids[0] == "x0000"
+    assert ext.images.shape == (6, 1, 16, 16) and ext.ids[0] == "x0000"
     assert set(ext.labels.tolist()) == {0, 1}
     with pytest.raises(InputError, match="embedded"):
         external_test_set(config(f"data.source={tmp_path}"))
@@ -216,7 +216,7 @@ def test_prepare_dev_dataset(tmp_path):
     fp = prepare(cfg, layout)
     on_disk = {d.name: sum(1 for f in d.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
                for d in sorted(DEV_SET.iterdir()) if d.is_dir()}
-    assert fp["num_classes"] == len(on_disk) and fp["shape"] == [16, 16]
+    assert fp["num_classes"] == len(on_disk) and fp["shape"] == [1, 16, 16]
     assert fp["counts"] == on_disk and fp["num_records"] == sum(on_disk.values())
     records, _, folds = load_prepared(layout, cfg)
     assert len(folds) == 2 and records.images.min() >= -1 and records.images.max() <= 1

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raysynth.config import DiffusionConfig
-from raysynth.diffusion.networks import Denoiser, build_denoiser
+from raysynth.diffusion.networks import build_denoiser
 from raysynth.diffusion.process import DDPMProcess, GammaProcess, build_process
 
 SAMPLER_CASES = [("ddpm", "ddpm"), ("ddpm", "ddim"), ("ddpm", "dpmsolver++"), ("gamma", "euler"), ("gamma", "heun")]

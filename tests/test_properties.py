@@ -376,7 +376,9 @@ def _make_picture(mode: str, w: int, h: int, seed: int) -> Image.Image:
     grey = (base * 255).astype(np.uint8)
     if mode == "L":
         return Image.fromarray(grey)
-    channels = [grey, np.roll(grey, 1, axis=1), 255 - grey]
+    # Grey content stored as colour (as the 4-class JPEG set): data.channels=grey must take it; a
+    # picture whose channels differ is an error there (tests/test_sources.py), not a property case.
+    channels = [grey, grey, grey]
     if mode == "RGBA":
         channels.append(rng.integers(0, 256, (h, w), dtype=np.uint8))
     return Image.fromarray(np.stack(channels, axis=-1), mode)
@@ -405,7 +407,7 @@ def test_prepare_gives_square_images_in_range_with_the_folder_labels(classes):
                 _make_picture(mode, w, h, seed).save(path, format=fmt)
                 assume(not _decoded_is_constant(path))
                 expected[f"{name}/{path.name}"] = name
-        cfg = load_config("smoke", overrides=["cv.folds=2"])
+        cfg = load_config("smoke", overrides=["cv.folds=2", "data.duplicates=keep"])  # drawn pictures repeat across classes
         cfg.data.source = str(root)
         layout = Layout.at(Path(tmp) / "out")
         prepare(cfg, layout)
@@ -413,7 +415,7 @@ def test_prepare_gives_square_images_in_range_with_the_folder_labels(classes):
         data = read_parquet(layout.data_parquet)
         size = cfg.data.image_size
         assert fingerprint["class_names"] == sorted(classes)
-        assert data.images.shape == (len(expected), size, size) and data.images.dtype == np.float32
+        assert data.images.shape == (len(expected), 1, size, size) and data.images.dtype == np.float32
         assert np.isfinite(data.images).all()
         assert data.images.min() >= -1.0 and data.images.max() <= 1.0
         source_of = {s["subject"]: s["path"] for s in fingerprint["sources"]}
@@ -497,7 +499,7 @@ def test_random_volumes_with_random_affines_preprocess_to_the_target_shape(specs
         _write_set(Path(tmp), items)
         cfg = DataConfig(source=tmp, dims=dims, image_size=16)
         records = preprocess(load_source(cfg), cfg)
-    assert records.images.shape == (len(specs),) + (16,) * dims
+    assert records.images.shape == (len(specs), 1) + (16,) * dims
     assert records.images.dtype == np.float32 and np.isfinite(records.images).all()
     assert records.images.min() >= -1.0 and records.images.max() <= 1.0
     assert all(np.isfinite(s) and s > 0 for s in records.spacing)

@@ -28,7 +28,7 @@ def _gauss(n: int, d: int, seed: int, shift: float = 0.0) -> np.ndarray:
 def _smooth_images(n: int, size: int, seed: int, dims: int = 2) -> np.ndarray:
     rng = np.random.default_rng(seed)
     x = gaussian_filter(rng.normal(size=(n,) + (size,) * dims), sigma=(0,) + (1.5,) * dims)
-    return np.tanh(x / x.std()).astype(np.float32)
+    return np.tanh(x / x.std()).astype(np.float32)[:, None]  # (N, 1, *S): the channel axis is explicit
 
 
 # ---- Fréchet distance -------------------------------------------------------------------------
@@ -269,3 +269,20 @@ def test_random_encoder_is_fixed_by_its_seed(dims, size):
 def test_invalid_encoder_arguments_raise(call):
     with pytest.raises(ValueError):
         call()
+
+
+@pytest.mark.parametrize("dims, size", [(2, 16), (3, 8)])
+def test_encoders_and_diversity_take_three_channels(dims, size):
+    x1 = _smooth_images(6, size, 21, dims)
+    x = np.concatenate([x1, -x1, 0.5 * x1], axis=1)  # three sequences
+    enc = random_encoder(dims, 6, seed=1, in_channels=3)
+    assert enc.features(x).shape == (6, 6) and enc.description["in_channels"] == 3
+    with pytest.raises(ValueError, match="expected"):
+        enc.features(x1)  # one channel into a three-channel encoder
+    trained = train_encoder(x, np.repeat([0, 1], 3), dims=dims, feature_dim=4, epochs=1, seed=0)
+    assert trained.net.in_channels == 3 and trained.features(x).shape == (6, 4)
+    auto = train_encoder(x, np.zeros(6, np.int64), dims=dims, feature_dim=4, epochs=1, seed=0)  # denoiser decodes C
+    assert auto.features(x).shape == (6, 4)
+    d = ms_ssim_diversity(x, pairs=5, seed=0)
+    assert 0 < d["mean"] < 1 and d["pairs"] == 5
+    assert ms_ssim_diversity(np.repeat(x[:1], 3, axis=0), pairs=3)["mean"] == pytest.approx(1.0, abs=1e-4)

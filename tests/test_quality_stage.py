@@ -38,7 +38,7 @@ def _images(n: int, label: int, rng: np.random.Generator, dims: int = 2) -> np.n
     if label:
         grid = np.indices((SIZE,) * dims) - SIZE / 2 + 0.5
         x = np.where((grid**2).sum(0) < 16, 0.9, x)
-    return x.astype(np.float32)
+    return x.astype(np.float32)[:, None]  # (n, 1, *S)
 
 
 def _synthetic(fold: int, images: np.ndarray, labels: np.ndarray) -> ImageSet:
@@ -162,7 +162,7 @@ def test_memorising_generator_fails_the_gate_and_is_listed_for_dropping(artifact
     layout, images, labels, ids, folds = artifacts
     rng = np.random.default_rng(1)
     train_idx = [ids.index(i) for i in folds[1]["train"]]
-    copies = images[train_idx[:8]] + 0.01 * rng.normal(size=(8, SIZE, SIZE)).astype(np.float32)
+    copies = images[train_idx[:8]] + 0.01 * rng.normal(size=(8, 1, SIZE, SIZE)).astype(np.float32)
     honest = np.concatenate([_images(4, c, rng) for c in range(2)])
     syn = _synthetic(1, np.concatenate([copies, honest]), np.concatenate([labels[train_idx[:8]], [0, 0, 0, 0, 1, 1, 1, 1]]))
     write_parquet(syn, layout.synthetic(1) / "part-0.parquet", SYNTHETIC_SCHEMA)
@@ -208,15 +208,15 @@ def test_3d_segmentation_single_class_uses_denoising_encoder(tmp_path):
     rng = np.random.default_rng(2)
     layout = Layout.at(tmp_path)
     size = 8
-    vol = lambda n: np.tanh(gaussian_filter(rng.normal(size=(n, size, size, size)), (0, 1, 1, 1)) * 3).astype(np.float32)
+    vol = lambda n: np.tanh(gaussian_filter(rng.normal(size=(n, 1, size, size, size)), (0, 0, 1, 1, 1)) * 3).astype(np.float32)
     images, ids = vol(8), [f"v{i}" for i in range(8)]
-    masks = (images > 0.5).astype(np.uint8)
+    masks = (images[:, 0] > 0.5).astype(np.uint8)
     write_parquet(ImageSet(ids=ids, subjects=ids, labels=np.zeros(8, np.int64), images=images, masks=masks),
                   layout.data_parquet)
     write_json(layout.fingerprint, {"class_names": ["brain"], "dims": 3, "task": "segmentation"})
     write_json(layout.splits, {"folds": [{"fold": 0, "train": ids[:6], "test": ids[6:]}]})
     syn = _synthetic(0, vol(5), np.zeros(5, np.int64))
-    syn.masks = (syn.images > 0.5).astype(np.uint8)
+    syn.masks = (syn.images[:, 0] > 0.5).astype(np.uint8)
     write_parquet(syn, layout.synthetic(0) / "part-0.parquet", SYNTHETIC_SCHEMA)
     _stamp(layout, _cfg("data.dims=3", "data.task=segmentation"))
     summary = assess_quality(_cfg("data.dims=3", "data.task=segmentation"), layout)
@@ -226,3 +226,20 @@ def test_3d_segmentation_single_class_uses_denoising_encoder(tmp_path):
     assert np.isfinite(fold["metrics"]["brain"]["synthetic_vs_train"]["fd"]) and fold["metrics"]["brain"][
         "synthetic_vs_train"]["fd"] > 0  # distinct sets: positive, not merely the clamp's >= 0
     assert (layout.quality / "nearest_pairs_fold0.png").is_file()
+
+
+def test_a_gate_whose_threshold_reaches_one_is_inconclusive_not_passed(artifacts):
+    """Held-out real images with copies in the training part (duplicates split across folds) push the
+    reference threshold to 1, where no sample can be flagged: the verdict is inconclusive."""
+    layout, images, labels, ids, folds = artifacts
+    copies = images.copy()
+    train0 = [ids.index(i) for i in folds[0]["train"]]
+    for j, i in enumerate(ids.index(t) for t in folds[0]["test"]):
+        copies[i] = images[train0[j % len(train0)]]
+    write_parquet(ImageSet(ids=ids, subjects=ids, labels=labels, images=copies), layout.data_parquet)
+    summary = assess_quality(_cfg(), layout, force=True)
+    gate0 = summary["folds"][0]["gate"]
+    assert gate0["threshold"] == pytest.approx(1.0) and gate0["discriminates"] is False and gate0["passed"] is False
+    assert summary["privacy_passed"] is False and summary["privacy_verdict"] == "inconclusive"
+    with pytest.raises(PrivacyGateError, match="inconclusive"):
+        raise_if_failed(summary)

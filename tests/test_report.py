@@ -3,6 +3,7 @@ twin, and a rebuild from report.json alone that gives the same files."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -157,3 +158,40 @@ def test_changed_results_rebuild_report_json(reported, tmp_path):
     rebuilt = write_report(cfg, copy)
     assert rebuilt["results_sha256"] != report["results_sha256"]
     assert rebuilt["summary"]["1"]["baseline"]["balanced_accuracy"]["n_trials"] == 4
+
+
+def test_report_json_is_strict_json(reported):
+    """NaN and Infinity are not JSON: jq and a browser's JSON.parse reject them."""
+    _, layout, _ = reported
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    for path in [layout.report / "report.json", layout.fingerprint, layout.splits]:
+        json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_report_whose_numbers_are_null_still_renders(reported, tmp_path):
+    """report.json stores NaN as null (a test that could not run, a metric with no defined value);
+    every page, summary line and figure must read those as 'n/a', not fail on them."""
+    from raysynth.render.report import summary_lines
+
+    _, layout, _ = reported
+    report = read_json(layout.report / "report.json")
+
+    def blank(node):
+        if isinstance(node, dict):
+            return {k: (None if isinstance(v, float) and k != "threshold" else blank(v)) for k, v in node.items()}
+        return [blank(v) for v in node] if isinstance(node, list) else node
+
+    report["comparisons"] = blank(report["comparisons"])
+    for p in report["summary"]:
+        for c in report["summary"][p]:
+            report["summary"][p][c] = {m: {**s, "mean": None, "sd": None, "nb_ci_low": None, "nb_ci_high": None}
+                                       for m, s in report["summary"][p][c].items()}
+    path = tmp_path / "nulls.json"
+    path.write_text(json.dumps(report))
+    render_from_json(path, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "no test possible" in md and "n/a" in md
+    assert any("n/a" in line for line in summary_lines(report))

@@ -63,7 +63,7 @@ def test_external_source_defaults_to_the_builtin_cohort_only_for_embedded_data(t
 # ---- corrupted test parts ----------------------------------------------------------------------------
 
 def test_channel_wise_corruptions_give_the_same_images_batched_and_one_by_one():
-    x = np.random.default_rng(0).uniform(-1, 1, (6, 16, 16)).astype(np.float32)
+    x = np.random.default_rng(0).uniform(-1, 1, (6, 1, 16, 16)).astype(np.float32)
     for name in ("gibbs", "blur"):
         whole = build_corruption(name, 4, 0, 2)(x)
         single = np.stack([build_corruption(name, 4, 0, 2)(x[i : i + 1])[0] for i in range(len(x))])
@@ -72,7 +72,7 @@ def test_channel_wise_corruptions_give_the_same_images_batched_and_one_by_one():
 
 def test_corrupted_test_part_is_deterministic_and_shared_by_arms():
     cfg = _cfg("robustness.corruptions=[noise, spike, blur]", "robustness.severities=[1, 5]")
-    x = np.random.default_rng(1).uniform(-1, 1, (5, 16, 16)).astype(np.float32)
+    x = np.random.default_rng(1).uniform(-1, 1, (5, 1, 16, 16)).astype(np.float32)
     a, b = corrupt_test_part(cfg, 0, x), corrupt_test_part(cfg, 0, x.copy())
     assert sorted(a) == [(c, s) for c in ("blur", "noise", "spike") for s in (1, 5)]
     for key in a:
@@ -92,7 +92,7 @@ def test_corrupted_test_part_is_deterministic_and_shared_by_arms():
 def _set(labels) -> ImageSet:
     n = len(labels)
     return ImageSet([f"e{i}" for i in range(n)], [f"s{i}" for i in range(n)], np.asarray(labels),
-                    np.zeros((n, 8, 8), np.float32))
+                    np.zeros((n, 1, 8, 8), np.float32))
 
 
 def test_relabel_by_name_and_through_the_label_map():
@@ -169,8 +169,8 @@ def test_reliability_pools_predictions_per_condition():
 def _squares(n, seed):
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % 2
-    images = rng.normal(-0.5, 0.05, (n, 16, 16)).astype(np.float32)
-    images[labels == 1, 4:12, 4:12] += 1.0
+    images = rng.normal(-0.5, 0.05, (n, 1, 16, 16)).astype(np.float32)
+    images[labels == 1, :, 4:12, 4:12] += 1.0
     return ImageSet([f"r{i}" for i in range(n)], [f"s{i}" for i in range(n)], labels, np.clip(images, -1, 1))
 
 
@@ -185,7 +185,7 @@ def test_saved_network_scores_exactly_as_the_trained_one(tmp_path):
     np.testing.assert_allclose(np.array(again["y_prob"]), np.array(r["y_prob"]), atol=1e-6)
     with pytest.raises(ValueError, match="shape"):
         evaluate(model, "classification", test, num_classes=2, num_mask_classes=None, batch_size=4,
-                 images=test.images[:, :8, :8])
+                 images=test.images[:, :, :8, :8])
 
 
 # ---- the stage end to end ------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 import pytest
 
-from raysynth.config import apply_override, load_config
+from raysynth.config import load_config
 from raysynth.artifacts import SHARD_RE, shard_name
 from raysynth.design import class_counts
 from raysynth.diffusion.sampler import sample_seed

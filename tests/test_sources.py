@@ -20,10 +20,14 @@ DEV_SET = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-tumor
 
 
 def picture(path: Path, size=(20, 14), mode="L", seed=0) -> np.ndarray:
+    """``L``: grey; ``RGB``: grey content stored as RGB (equal channels, as the 4-class JPEG set);
+    ``colour``: three different channels (e.g. T1, FLAIR, T1c)."""
     rng = np.random.default_rng(seed)
-    data = rng.integers(0, 256, (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0]), dtype=np.uint8)
+    data = rng.integers(0, 256, (size[1], size[0], 3) if mode == "colour" else (size[1], size[0]), dtype=np.uint8)
+    if mode == "RGB":
+        data = np.repeat(data[..., None], 3, axis=-1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(data, mode).save(path)
+    Image.fromarray(data, "RGB" if mode == "colour" else mode).save(path)
     return data
 
 
@@ -61,8 +65,8 @@ def test_class_folders_of_pictures(folder, caplog):
         ("s0000", "normal/c.bmp", 0), ("s0001", "normal/d.tiff", 0),
         ("s0002", "tumour/a.jpg", 1), ("s0003", "tumour/b.png", 1),
     ]
-    assert [s.image.shape for s in raw.scans] == [(16, 16), (25, 12), (17, 31), (14, 20)]
-    assert all(s.image.dtype == np.float32 and s.image.ndim == 2 for s in raw.scans)  # RGB read as grey
+    assert [s.image.shape for s in raw.scans] == [(1, 16, 16), (1, 25, 12), (1, 17, 31), (1, 14, 20)]
+    assert all(s.image.dtype == np.float32 and s.image.ndim == 3 for s in raw.scans)  # RGB read as grey
     assert all(s.subject == s.id and s.mask is None and s.spacing == (1.0, 1.0) for s in raw.scans)
     assert "notes.txt" in caplog.text and ".DS_Store" in caplog.text
 
@@ -71,7 +75,7 @@ def test_grey_values_are_kept(tmp_path):
     data = picture(tmp_path / "x" / "a" / "1.png", (9, 7), "L")
     picture(tmp_path / "x" / "b" / "2.png", (9, 7), "L", seed=9)
     raw = load_source(cfg(tmp_path / "x"))
-    np.testing.assert_array_equal(raw.scans[0].image, data.astype(np.float32))
+    np.testing.assert_array_equal(raw.scans[0].image, data[None].astype(np.float32))
 
 
 def test_sixteen_bit_grey_is_not_truncated(tmp_path):
@@ -80,7 +84,7 @@ def test_sixteen_bit_grey_is_not_truncated(tmp_path):
         (tmp_path / "d" / cls).mkdir(parents=True)
         Image.fromarray(deep).save(tmp_path / "d" / cls / "x.png")
     raw = load_source(cfg(tmp_path / "d"))
-    np.testing.assert_array_equal(raw.scans[0].image, deep.astype(np.float32))
+    np.testing.assert_array_equal(raw.scans[0].image, deep[None].astype(np.float32))
 
 
 def test_picture_masks_for_segmentation(tmp_path):
@@ -120,7 +124,7 @@ def test_nifti_with_labels_csv_3d(tmp_path):
     raw = load_source(cfg(tmp_path, dims=3, task="segmentation"))
     assert raw.kind == "nifti" and raw.class_names == ["glioma", "healthy"]
     assert [s.label for s in raw.scans] == [0, 1, 0, 1]
-    assert all(s.image.shape == (10, 12, 8) and s.mask.shape == (10, 12, 8) for s in raw.scans)
+    assert all(s.image.shape == (1, 10, 12, 8) and s.mask.shape == (10, 12, 8) for s in raw.scans)
     assert raw.mask_names == ["background", "label_1", "label_2"]
     assert raw.scans[0].affine.shape == (4, 4) and raw.scans[0].spacing == (1.0, 1.0, 1.0)
 
@@ -132,7 +136,7 @@ def test_nifti_is_reoriented_to_ras(tmp_path):
     volume(tmp_path / "v" / "b.nii.gz", (6, 5, 4), affine=affine, seed=1)
     (tmp_path / "v" / "labels.csv").write_text("file,label\na.nii.gz,0\nb.nii.gz,1\n")
     scan = load_source(cfg(tmp_path / "v", dims=3)).scans[0]
-    np.testing.assert_allclose(scan.image, data[::-1, ::-1, :])
+    np.testing.assert_allclose(scan.image, data[None, ::-1, ::-1, :])
     assert scan.spacing == (2.0, 1.0, 3.0)
     assert np.all(np.diag(scan.affine)[:3] > 0)
 
@@ -144,10 +148,10 @@ def test_nifti_slices_for_2d(tmp_path):
     assert [s.id for s in raw.scans[:3]] == ["s0000_z00", "s0000_z01", "s0000_z02"]
     assert {s.subject for s in raw.scans[:3]} == {"s0000"}  # slices of a volume travel together
     first = raw.scans[0]
-    assert first.image.shape == (12, 10) and first.mask.shape == (12, 10)  # axial plane, anterior up
+    assert first.image.shape == (1, 12, 10) and first.mask.shape == (12, 10)  # axial plane, anterior up
     vol = np.asarray(nib.load(tmp_path / "vols" / "v0.nii.gz").dataobj)
     planes = [np.rot90(vol[:, :, z]) for z in range(16)]
-    assert any(np.array_equal(first.image, p) for p in planes)
+    assert any(np.array_equal(first.image[0], p) for p in planes)
 
 
 def test_integer_labels_and_class_folder_nifti(tmp_path):
@@ -190,6 +194,81 @@ def test_dev_dataset_loads_as_it_is():
                for d in sorted(DEV_SET.iterdir()) if d.is_dir()}
     assert raw.class_names == list(on_disk)
     assert np.bincount(raw.labels).tolist() == list(on_disk.values())
-    assert all(s.image.ndim == 2 and s.image.dtype == np.float32 for s in raw.scans)
+    assert all(s.image.ndim == 3 and s.image.shape[0] == 1 and s.image.dtype == np.float32 for s in raw.scans)
     assert len({s.image.shape for s in raw.scans}) > 10  # mixed sizes, all accepted
     assert raw.scans[0].id == "s0000" and "/" in raw.scans[0].source
+
+
+# ---- several sequences as channels --------------------------------------------------------
+
+
+def test_rgb_channels_are_kept_and_mismatched_pictures_refused(tmp_path):
+    root = tmp_path / "rgb"
+    colour = picture(root / "a" / "1.png", (12, 10), "colour", seed=1)
+    picture(root / "b" / "2.png", (12, 10), "colour", seed=2)
+    raw = load_source(cfg(root, channels="rgb"))
+    assert [s.image.shape for s in raw.scans] == [(3, 10, 12)] * 2
+    np.testing.assert_array_equal(raw.scans[0].image, np.moveaxis(colour, -1, 0).astype(np.float32))
+    # A colour picture in a grey set, and a grey picture in an rgb set: one line naming the file.
+    with pytest.raises(InputError, match=r"a/1\.png: a colour picture whose channels differ.*channels=rgb"):
+        load_source(cfg(root))
+    picture(root / "b" / "3.png", (12, 10), "L", seed=3)
+    with pytest.raises(InputError, match=r"b/3\.png: a one-channel \(grey\) picture"):
+        load_source(cfg(root, channels="rgb"))
+
+
+def test_grey_content_stored_as_rgb_reads_as_grey(tmp_path):
+    data = picture(tmp_path / "g" / "a" / "1.jpg", (16, 16), "RGB", seed=1)
+    picture(tmp_path / "g" / "b" / "2.jpg", (16, 16), "RGB", seed=2)
+    raw = load_source(cfg(tmp_path / "g"))
+    assert raw.scans[0].image.shape == (1, 16, 16)
+    assert np.abs(raw.scans[0].image[0] - data[..., 0]).max() < 40  # JPEG, but the same picture
+
+
+def _sequences(root: Path, base: str, suffixes, shape=(10, 12, 8), seed=0, seg=True):
+    data = {}
+    for k, suffix in enumerate(suffixes):
+        data[suffix] = volume(root / f"{base}_{suffix}.nii.gz", shape, seed=seed * 10 + k)
+    if seg:
+        mask = np.zeros(shape, np.uint8)
+        mask[2:5, 3:7, 2:4] = 1
+        volume(root / f"{base}_seg.nii.gz", data=mask)
+    return data
+
+
+def test_nifti_sequences_stack_into_one_scan(tmp_path):
+    root = tmp_path / "brats"
+    made = [_sequences(root, f"case{i}", ["t1", "flair"], seed=i) for i in range(3)]
+    (root / "labels.csv").write_text("file,label\n" + "".join(
+        f"case{i}_t1.nii.gz,{'glioma' if i % 2 else 'healthy'}\n" for i in range(3)))
+    raw = load_source(cfg(root, dims=3, channels=["t1", "flair"], task="segmentation"))
+    assert [s.image.shape for s in raw.scans] == [(2, 10, 12, 8)] * 3
+    assert all(s.mask.shape == (10, 12, 8) for s in raw.scans)
+    np.testing.assert_allclose(raw.scans[1].image[0], made[1]["t1"])
+    np.testing.assert_allclose(raw.scans[1].image[1], made[1]["flair"])
+    # 2D: axial slices of every channel, the same plane
+    flat = load_source(cfg(root, dims=2, channels=["t1", "flair"], slices_per_volume=2))
+    assert len(flat.scans) == 6 and flat.scans[0].image.shape == (2, 12, 10)
+
+
+def test_a_missing_sequence_is_one_line_or_a_warned_skip(tmp_path, caplog):
+    root = tmp_path / "brats"
+    for i in range(4):
+        _sequences(root, f"case{i}", ["t1", "flair"] if i != 2 else ["t1"], seed=i, seg=False)
+    (root / "labels.csv").write_text("file,label\n" + "".join(f"case{i}_t1.nii.gz,{i % 2}\n" for i in range(4)))
+    with pytest.raises(InputError, match=r"^case2: no 'flair' sequence \(case2_flair\.nii\.gz\)") as info:
+        load_source(cfg(root, dims=3, channels=["t1", "flair"]))
+    assert "\n" not in str(info.value)
+    with caplog.at_level(logging.WARNING, logger="raysynth.data.sources"):
+        raw = load_source(cfg(root, dims=3, channels=["t1", "flair"], bad_files="skip"))
+    assert len(raw.scans) == 3 and raw.skipped == ["case2_t1.nii.gz"] and "case2: no 'flair'" in caplog.text
+
+
+def test_sequences_of_different_grids_are_refused(tmp_path):
+    root = tmp_path / "brats"
+    for i in range(2):
+        volume(root / f"c{i}_t1.nii.gz", (10, 12, 8), seed=i)
+        volume(root / f"c{i}_t2.nii.gz", (10, 12, 9 if i else 8), seed=i + 5)
+    (root / "labels.csv").write_text("file,label\nc0_t1.nii.gz,0\nc1_t1.nii.gz,1\n")
+    with pytest.raises(InputError, match="c1_t1.nii.gz: sequence 't2'.*share one grid"):
+        load_source(cfg(root, dims=3, channels=["t1", "t2"]))

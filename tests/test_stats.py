@@ -114,3 +114,17 @@ def test_holm_is_nan_safe_capped_and_validated():
     assert holm({}) == {}
     with pytest.raises(ValueError, match="'bad'"):
         holm({"bad": 1.5})
+
+
+def test_intervals_of_bounded_metrics_stay_within_their_bounds():
+    from raysynth.analysis.aggregate import clip_intervals
+
+    cell = clip_intervals({"mean": 0.9, "nb_ci_low": 0.61, "nb_ci_high": 1.04, "ci_low": 0.7, "ci_high": 1.1}, "auc")
+    assert cell["nb_ci_high"] == 1.0 and cell["ci_high"] == 1.0 and cell["nb_ci_low"] == 0.61
+    assert cell["clipped"] == [0.0, 1.0]
+    diff = clip_intervals({"mean_diff": 0.5, "nb_ci_low": -0.4, "nb_ci_high": 1.3}, "sensitivity", difference=True)
+    assert diff["nb_ci_high"] == 1.0 and diff["clipped"] == [-1.0, 1.0]
+    hd = clip_intervals({"nb_ci_low": -3.0, "nb_ci_high": 40.0}, "mean_hd95")  # unbounded: untouched
+    assert hd == {"nb_ci_low": -3.0, "nb_ci_high": 40.0}
+    inside = clip_intervals({"nb_ci_low": 0.2, "nb_ci_high": 0.8}, "auc")
+    assert "clipped" not in inside

@@ -6,7 +6,6 @@ import os
 import time
 from pathlib import Path
 
-import pyarrow.fs as pafs
 import pytest
 
 from raysynth.cli import main

@@ -41,12 +41,12 @@ def _synthetic(per_class: dict[int, int], fold=0, fraction=1.0, size=16) -> Imag
     rng = np.random.default_rng(0)
     order = rng.permutation(len(ids))  # shards come back in any order
     return ImageSet([ids[i] for i in order], ["synthetic"] * len(ids), np.array(labels)[order],
-                    rng.uniform(-1, 1, (len(ids), size, size)).astype(np.float32))
+                    rng.uniform(-1, 1, (len(ids), 1, size, size)).astype(np.float32))
 
 
 def _real(n_per_class=(6, 4), size=16) -> ImageSet:
     ids, subjects, labels = _records(n_per_class)
-    return ImageSet(ids, subjects, labels, np.zeros((len(ids), size, size), np.float32), spacing=(0.5, 0.5))
+    return ImageSet(ids, subjects, labels, np.zeros((len(ids), 1, size, size), np.float32), spacing=(0.5, 0.5))
 
 
 # ---- config and layout -------------------------------------------------------------------------

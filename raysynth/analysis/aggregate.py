@@ -30,6 +30,33 @@ PRIMARY_TEST = {
 }
 
 
+BOUNDED = {"accuracy": (0.0, 1.0), "balanced_accuracy": (0.0, 1.0), "sensitivity": (0.0, 1.0),
+           "specificity": (0.0, 1.0), "auc": (0.0, 1.0), "ece": (0.0, 1.0), "mean_dice": (0.0, 1.0)}
+"""Metrics with a bounded range. Their t intervals are clipped to it (a mean's interval cannot leave
+the range its values live in); differences of two of them, to the range's width either side of 0.
+Each clipped cell says so (``clipped``)."""
+
+INTERVAL_KEYS = (("ci_low", "ci_high"), ("nb_ci_low", "nb_ci_high"), ("boot_ci_low", "boot_ci_high"))
+
+
+def clip_intervals(cell: dict, metric: str, difference: bool = False) -> dict:
+    """``cell`` with its intervals clipped to ``metric``'s bounds (see :data:`BOUNDED`)."""
+    if metric not in BOUNDED:
+        return cell
+    lo, hi = BOUNDED[metric]
+    if difference:
+        lo, hi = -(hi - lo), hi - lo
+    clipped = False
+    for keys in INTERVAL_KEYS:
+        for key in keys:
+            v = cell.get(key)
+            if isinstance(v, float) and math.isfinite(v) and not lo <= v <= hi:
+                cell[key], clipped = min(max(v, lo), hi), True
+    if clipped:
+        cell["clipped"] = [lo, hi]
+    return cell
+
+
 def _finite(v: Any) -> bool:
     return v is not None and not (isinstance(v, float) and math.isnan(v))
 
@@ -76,7 +103,7 @@ def summarise(rows: list[dict], metrics: list[str], confidence: float = 0.95) ->
                     ratio = n_sizes[p]["n_test"] / n_sizes[p]["n_real"] if n_sizes[p]["n_real"] > 0 else 0.0
                     nb_half = q * corrected_se(cell["sd"], n, ratio)
                     cell.update(ci_low=mean - half, ci_high=mean + half, nb_ci_low=mean - nb_half, nb_ci_high=mean + nb_half)
-                out[p][c][m] = cell
+                out[p][c][m] = clip_intervals(cell, m)
     return {p: dict(by_c) for p, by_c in out.items()}
 
 
@@ -98,7 +125,8 @@ def compare(rows: list[dict], metrics: list[str]) -> dict:
                 a = np.array([base[f] for f in folds])
                 b = np.array([by_c[c][f] for f in folds])
                 res = paired_comparison(a, b, n_train=n_sizes[p]["n_real"], n_test=n_sizes[p]["n_test"])
-                block.setdefault(c, {})[m] = {**res, "folds": folds, "differences": (b - a).tolist()}
+                block.setdefault(c, {})[m] = clip_intervals({**res, "folds": folds, "differences": (b - a).tolist()},
+                                                            m, difference=True)
             # Holm across the conditions compared with baseline at this size, per metric and test.
             for test in ("t_p", "nb_p", "wilcoxon_p"):
                 pvals = {c: block[c][m][test] for c in block if test in block[c].get(m, {})}

@@ -69,8 +69,8 @@ def load_external(cfg: Config, fingerprint: dict) -> Optional[ImageSet]:
     records = relabel(records, raw_names, list(fingerprint["class_names"]), cfg.robustness.label_map, source)
     if cfg.data.task == "segmentation":
         _check_masks(records, mask_names, fingerprint, source)
-    if list(records.spatial_shape) != list(fingerprint["shape"]):
-        raise InputError(f"external test set {source}: shape {list(records.spatial_shape)} differs from the "
+    if list(records.record_shape) != list(fingerprint["shape"]):
+        raise InputError(f"external test set {source}: shape {list(records.record_shape)} (channels first) differs from the "
                          f"prepared data's {fingerprint['shape']}")
     # Prefixed ids: an external record can never be mistaken for (or joined with) a main record.
     records = dataclasses.replace(records, ids=[f"ext-{i}" for i in records.ids])

@@ -280,8 +280,8 @@ def make_cohort(num_scans: int, image_size: int, dims: int = 2, *, lesion_fracti
                 seed: int = 0, shifted: bool = False, use_cache: bool = True) -> RawSet:
     """The embedded cohort as a :class:`RawSet` of ``num_scans`` scans.
 
-    Images are float32 scanner units of shape :func:`native_geometry`'s ``shape`` (2D ``(H, W)``,
-    3D ``(X, Y, Z)``); masks are uint8 tissue labels (see :data:`TISSUE_NAMES`). Cached under
+    Images are float32 scanner units of one channel and :func:`native_geometry`'s ``shape`` (2D
+    ``(1, H, W)``, 3D ``(1, X, Y, Z)``); masks are uint8 tissue labels (see :data:`TISSUE_NAMES`). Cached under
     :func:`cache_dir` by a hash of every argument that changes the result.
     """
     if num_scans < 1:
@@ -311,7 +311,7 @@ def make_cohort(num_scans: int, image_size: int, dims: int = 2, *, lesion_fracti
     prefix = "x" if shifted else "s"  # external ids never collide with the cohort's
     scans = [
         RawScan(id=f"{prefix}{i:04d}", subject=f"{prefix}{i:04d}", label=int(labels[i]),
-                image=images[i].astype(np.float32), mask=masks[i], spacing=spacing, affine=affine)
+                image=images[i][None].astype(np.float32), mask=masks[i], spacing=spacing, affine=affine)
         for i in range(num_scans)
     ]
     return RawSet(scans=scans, class_names=list(CLASS_NAMES), mask_names=list(TISSUE_NAMES),

@@ -1,13 +1,14 @@
 """Raw scans to model-ready records: one size, one spacing, intensities in [-1, 1].
 
-Per scan, in this order (each step acts on the scan's own values):
+Per scan, in this order (each step acts on the scan's own values; a scan of several channels,
+such as T1, FLAIR and T1c, is treated channel by channel on one shared geometry):
 
 1. optional denoising in native resolution (``gaussian`` with ``denoise_sigma``, or a 3-tap
-   ``median``), before resampling blurs the noise into structure;
+   ``median``) per channel, before resampling blurs the noise into structure;
 2. optional foreground crop (``foreground_crop``): the box around voxels brighter than 10 % of
-   the robust range of the raw scan, with a 2-voxel margin;
-3. robust intensity normalisation: the ``low_percentile`` / ``high_percentile`` values map to
-   -1 / 1 and everything outside is clipped (as MONAI ``ScaleIntensityRangePercentiles``);
+   the robust range of the raw scan in any channel (the union), with a 2-voxel margin;
+3. robust intensity normalisation per channel: the ``low_percentile`` / ``high_percentile``
+   values map to -1 / 1 and everything outside is clipped (as MONAI ``ScaleIntensityRangePercentiles``);
 4. geometry. 2D: resample to square pixels, pad to a square with the background value (-1),
    resize to ``image_size^2`` (antialiased bilinear; masks nearest). 3D: resample to one isotropic
    spacing for the whole set, chosen so the largest field of view fits ``image_size^3``, then
@@ -37,8 +38,9 @@ BACKGROUND = -1.0
 def preprocess(raw: RawSet, data_cfg) -> ImageSet:
     """Preprocess every scan of ``raw``.
 
-    Returns an :class:`ImageSet` with images float32 in [-1, 1] of shape ``(N, S, S)`` (2D) or
-    ``(N, S, S, S)`` (3D) with ``S = data_cfg.image_size``; masks uint8 of the same shape when
+    Returns an :class:`ImageSet` with images float32 in [-1, 1] of shape ``(N, C, S, S)`` (2D) or
+    ``(N, C, S, S, S)`` (3D) with ``S = data_cfg.image_size`` and C the scans' channels (one C for
+    all); masks uint8 of the spatial shape ``(N, S, S)`` / ``(N, S, S, S)`` when
     ``data_cfg.task == "segmentation"``, else None; spacing in mm (2D folders of pictures: pixels).
     """
     dims, size = data_cfg.dims, data_cfg.image_size
@@ -49,9 +51,13 @@ def preprocess(raw: RawSet, data_cfg) -> ImageSet:
     if not raw.scans:
         raise InputError("preprocess: no scans to preprocess")
     keep_masks = data_cfg.task == "segmentation"
+    first = raw.scans[0].image.shape[0] if raw.scans[0].image.ndim else 0
     for scan in raw.scans:
-        if scan.image.ndim != dims:
-            raise InputError(f"{_name(scan)}: a {scan.image.ndim}D array {scan.image.shape} where data.dims={dims}")
+        if scan.image.ndim != dims + 1:
+            raise InputError(f"{_name(scan)}: an array of shape {scan.image.shape} where data.dims={dims} needs "
+                             f"(C, {'H, W' if dims == 2 else 'X, Y, Z'}) (the channel axis first)")
+        if scan.image.shape[0] != first:
+            raise InputError(f"{_name(scan)}: {scan.image.shape[0]} channels where {_name(raw.scans[0])} has {first}")
         if keep_masks and scan.mask is None:
             raise InputError(f"{_name(scan)}: no mask, and task=segmentation needs one")
 
@@ -70,7 +76,7 @@ def preprocess(raw: RawSet, data_cfg) -> ImageSet:
     images = np.stack([o[0] for o in out]).astype(np.float32)
     masks = np.stack([o[1] for o in out]).astype(np.uint8) if keep_masks else None
     np.clip(images, -1.0, 1.0, out=images)  # interpolation overshoot must not leave the range
-    logger.info("preprocess: %d records of %s, spacing %s", len(images), images.shape[1:], spacing)
+    logger.info("preprocess: %d records of %s (channels first), spacing %s", len(images), images.shape[1:], spacing)
     return ImageSet(
         ids=[s.id for s in raw.scans],
         subjects=[s.subject for s in raw.scans],
@@ -98,50 +104,56 @@ def normalise_intensity(image: np.ndarray, low: float, high: float) -> np.ndarra
 
 
 def _spacing(scan: RawScan) -> tuple[float, ...]:
-    return tuple(float(s) for s in scan.spacing) if scan.spacing else (1.0,) * scan.image.ndim
+    return tuple(float(s) for s in scan.spacing) if scan.spacing else (1.0,) * (scan.image.ndim - 1)
 
 
 def _fov(scan: RawScan, box: Optional[tuple[slice, ...]]) -> float:
     """The longest side of the scan (or of its foreground box) in mm."""
-    shape = scan.image.shape if box is None else [b.stop - b.start for b in box]
+    shape = scan.image.shape[1:] if box is None else [b.stop - b.start for b in box]
     return float(np.max(np.asarray(shape) * np.asarray(_spacing(scan))))
 
 
 def _intensity(scan: RawScan, box: Optional[tuple[slice, ...]], data_cfg, keep_masks: bool):
-    """Steps 1-3 on one scan: denoise, crop to ``box``, normalise. Returns image, mask, spacing."""
+    """Steps 1-3 on one scan ``(C, *S)``, per channel: denoise, crop to ``box``, normalise.
+    Returns image ``(C, *S')``, mask ``(*S')``, spacing."""
     image = np.asarray(scan.image, dtype=np.float32)
     mask = scan.mask if keep_masks else None
-    if mask is not None and mask.shape != image.shape:
-        raise InputError(f"{_name(scan)}: mask shape {mask.shape} differs from image shape {image.shape}")
+    if mask is not None and mask.shape != image.shape[1:]:
+        raise InputError(f"{_name(scan)}: mask shape {mask.shape} differs from image shape {image.shape[1:]}")
     if data_cfg.denoise == "gaussian":
-        image = ndimage.gaussian_filter(image, data_cfg.denoise_sigma)
+        image = np.stack([ndimage.gaussian_filter(c, data_cfg.denoise_sigma) for c in image])
     elif data_cfg.denoise == "median":
-        image = ndimage.median_filter(image, size=3)
+        image = np.stack([ndimage.median_filter(c, size=3) for c in image])
     if box is not None:
-        image, mask = image[box], None if mask is None else mask[box]
-    return normalise_intensity(image, data_cfg.low_percentile, data_cfg.high_percentile), mask, _spacing(scan)
+        image, mask = image[(slice(None),) + box], None if mask is None else mask[box]
+    image = np.stack([normalise_intensity(c, data_cfg.low_percentile, data_cfg.high_percentile) for c in image])
+    return image, mask, _spacing(scan)
 
 
 def _foreground_box(image: np.ndarray, data_cfg) -> Optional[tuple[slice, ...]]:
-    """Box around voxels above 10 % of the robust range, plus 2 voxels; None keeps the whole scan."""
+    """Box (spatial slices) around voxels above 10 % of their channel's robust range in any channel of
+    ``image`` ``(C, *S)``, plus 2 voxels; None keeps the whole scan."""
     from monai.transforms.utils import generate_spatial_bounding_box
 
-    lo, hi = np.percentile(image, [data_cfg.low_percentile, data_cfg.high_percentile])
-    threshold = lo + 0.1 * (hi - lo)
-    start, end = generate_spatial_bounding_box(image[None], lambda x: x > threshold, margin=2)
+    flat = image.reshape(image.shape[0], -1)
+    lo, hi = np.percentile(flat, [data_cfg.low_percentile, data_cfg.high_percentile], axis=1)
+    threshold = (lo + 0.1 * (hi - lo)).reshape((-1,) + (1,) * (image.ndim - 1))
+    above = (image > threshold).any(axis=0)
+    start, end = generate_spatial_bounding_box(above[None], lambda x: x > 0, margin=2)
     if any(e <= s for s, e in zip(start, end)):  # nothing above threshold
         return None
     return tuple(slice(s, e) for s, e in zip(start, end))
 
 
 def _square(image: np.ndarray, mask: Optional[np.ndarray], spacing: tuple, size: int):
-    """2D: square pixels, pad to a square, resize to ``(size, size)``. Returns image, mask, mm/pixel."""
+    """2D ``(C, H, W)``: square pixels, pad to a square, resize to ``(C, size, size)``. Returns image,
+    mask, mm/pixel."""
     pixel = min(spacing)
-    shape = tuple(max(1, round(n * s / pixel)) for n, s in zip(image.shape, spacing))
-    if shape != image.shape:  # anisotropic pixels (NIfTI slices) would squash the anatomy
+    shape = tuple(max(1, round(n * s / pixel)) for n, s in zip(image.shape[1:], spacing))
+    if shape != image.shape[1:]:  # anisotropic pixels (NIfTI slices) would squash the anatomy
         image, mask = _resample(image, mask, shape)
-    side = max(image.shape)
-    image = centre_pad_crop(image, (side, side), BACKGROUND)
+    side = max(image.shape[1:])
+    image = centre_pad_crop(image, (image.shape[0], side, side), BACKGROUND)
     if mask is not None:
         mask = centre_pad_crop(mask, (side, side), 0)
     image, mask = _resample(image, mask, (size, size))
@@ -149,11 +161,11 @@ def _square(image: np.ndarray, mask: Optional[np.ndarray], spacing: tuple, size:
 
 
 def _cube(image: np.ndarray, mask: Optional[np.ndarray], spacing: tuple, target: float, size: int):
-    """3D: resample to isotropic ``target`` mm, then centre pad/crop to ``size^3``. Returns image,
-    mask, ``target``."""
-    shape = tuple(max(1, round(n * s / target)) for n, s in zip(image.shape, spacing))
+    """3D ``(C, X, Y, Z)``: resample to isotropic ``target`` mm, then centre pad/crop to
+    ``(C, size, size, size)``. Returns image, mask, ``target``."""
+    shape = tuple(max(1, round(n * s / target)) for n, s in zip(image.shape[1:], spacing))
     image, mask = _resample(image, mask, shape)
-    image = centre_pad_crop(image, (size,) * 3, BACKGROUND)
+    image = centre_pad_crop(image, (image.shape[0],) + (size,) * 3, BACKGROUND)
     return image, None if mask is None else centre_pad_crop(mask, (size,) * 3, 0), target
 
 
@@ -172,19 +184,20 @@ def centre_pad_crop(array: np.ndarray, shape: tuple[int, ...], value: float) -> 
 
 
 def _resample(image: np.ndarray, mask: Optional[np.ndarray], shape: tuple[int, ...]):
-    """Resize ``image`` (linear, antialiased) and ``mask`` (nearest) to ``shape``."""
-    if tuple(image.shape) == tuple(shape):
+    """Resize ``image`` ``(C, *S)`` (linear, antialiased, per channel) and ``mask`` ``(*S)`` (nearest)
+    to the spatial ``shape``."""
+    if tuple(image.shape[1:]) == tuple(shape):
         return image, mask
-    factors = [n / m for n, m in zip(image.shape, shape)]
-    if image.ndim == 2:
-        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
-        out = F.interpolate(tensor, size=shape, mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
+    factors = [n / m for n, m in zip(image.shape[1:], shape)]
+    if image.ndim == 3:
+        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+        out = F.interpolate(tensor, size=shape, mode="bilinear", align_corners=False, antialias=True)[0].numpy()
     else:
         # torch has no antialiased trilinear: low-pass first where the grid gets coarser.
-        sigma = [0.5 * np.sqrt(f * f - 1.0) if f > 1.0 else 0.0 for f in factors]
+        sigma = [0.0] + [0.5 * np.sqrt(f * f - 1.0) if f > 1.0 else 0.0 for f in factors]
         smooth = ndimage.gaussian_filter(image, sigma) if any(sigma) else image
-        tensor = torch.from_numpy(np.ascontiguousarray(smooth, dtype=np.float32))[None, None]
-        out = F.interpolate(tensor, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
+        tensor = torch.from_numpy(np.ascontiguousarray(smooth, dtype=np.float32))[None]
+        out = F.interpolate(tensor, size=shape, mode="trilinear", align_corners=False)[0].numpy()
     if mask is not None:
         mtensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
         mask = F.interpolate(mtensor, size=shape, mode="nearest-exact")[0, 0].numpy().astype(np.uint8)

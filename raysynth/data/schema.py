@@ -1,7 +1,7 @@
 """The record layout shared by every stage: an in-memory :class:`ImageSet` and its Parquet schema.
 
 One row per 2D image or 3D volume. Arrays are stored as raw little-endian bytes with their
-spatial shape beside them, so the files are plain Parquet that any Arrow reader can open.
+shape beside them (channel axis first), so the files are plain Parquet that any Arrow reader can open.
 
 ``data.parquet`` (prepared real data) columns:
 
@@ -12,8 +12,8 @@ id         string            unique record id (``s0042``; ``s0042_z03`` for a NI
 subject    string            the scan/volume the record came from; splits keep it whole
 label      int32             class index into ``fingerprint.json``'s ``class_names``
 image      binary            float32 C-order intensities in [-1, 1], shape = ``shape``
-mask       binary (null)     uint8 label map, same shape (segmentation only)
-shape      list<int32>       spatial shape: ``[H, W]`` or ``[D, H, W]``
+mask       binary (null)     uint8 label map of the spatial shape ``shape[1:]`` (segmentation only)
+shape      list<int32>       channels, then the spatial shape: ``[C, H, W]`` or ``[C, D, H, W]``
 spacing    list<float32>     voxel size in mm per spatial axis
 ========== ================= ==============================================================
 
@@ -68,8 +68,10 @@ SYNTHETIC_SCHEMA = pa.schema(list(REAL_SCHEMA) + PROVENANCE_FIELDS)
 class ImageSet:
     """A batch of records in memory.
 
-    Shapes: ``images`` is ``(N, *spatial)`` float32 in [-1, 1]; ``masks`` is ``(N, *spatial)``
-    uint8 or None; ``labels`` is ``(N,)`` int64.
+    Shapes: ``images`` is ``(N, C, *spatial)`` float32 in [-1, 1], always with the channel axis
+    (C = 1 for grey; C sequences such as T1, FLAIR, T1c otherwise); ``masks`` is ``(N, *spatial)``
+    uint8 or None (one label map for all channels); ``labels`` is ``(N,)`` int64. ``spacing`` has
+    one entry per spatial axis, so a ``(N, *spatial)`` array without the channel axis is refused.
     """
 
     ids: list[str]
@@ -88,21 +90,37 @@ class ImageSet:
                 f"ImageSet: ids ({n}), subjects ({len(self.subjects)}), labels ({len(self.labels)}) "
                 f"and images ({len(self.images)}) must have one entry per record"
             )
-        if self.masks is not None and self.masks.shape != self.images.shape:
-            raise ValueError(f"ImageSet: masks shape {self.masks.shape} differs from images shape {self.images.shape}")
+        if self.images.ndim not in (4, 5):
+            raise ValueError(f"ImageSet: images of shape {self.images.shape} must be (N, C, H, W) or (N, C, D, H, W): "
+                             f"the channel axis is explicit (add it with images[:, None])")
+        if self.spacing and len(self.spacing) != self.images.ndim - 2:
+            raise ValueError(f"ImageSet: spacing {tuple(self.spacing)} has {len(self.spacing)} entries; images of shape "
+                             f"{self.images.shape} have {self.images.ndim - 2} spatial axes (N, C, *spatial)")
+        if self.masks is not None and self.masks.shape != self.images.shape[:1] + self.images.shape[2:]:
+            raise ValueError(f"ImageSet: masks shape {self.masks.shape} differs from the images' (N, *spatial) "
+                             f"{self.images.shape[:1] + self.images.shape[2:]}")
         if not self.spacing:
-            self.spacing = (1.0,) * (self.images.ndim - 1)
+            self.spacing = (1.0,) * (self.images.ndim - 2)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[2:])
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def record_shape(self) -> tuple[int, ...]:
+        """``(C, *spatial)``: one record's image shape, as stored in the ``shape`` column."""
         return tuple(self.images.shape[1:])
 
     @property
     def dims(self) -> int:
-        return self.images.ndim - 1
+        return self.images.ndim - 2
 
     def select(self, index: Sequence[int] | np.ndarray) -> "ImageSet":
         idx = np.asarray(index, dtype=np.int64)
@@ -151,7 +169,7 @@ def checksum(image: np.ndarray, mask: Optional[np.ndarray] = None) -> str:
 
 
 def to_table(data: ImageSet, schema: pa.Schema = REAL_SCHEMA) -> pa.Table:
-    shape = list(data.spatial_shape)
+    shape = list(data.record_shape)
     cols = {
         "id": data.ids,
         "subject": data.subjects,
@@ -178,13 +196,18 @@ def from_table(table: pa.Table) -> ImageSet:
     shape = tuple(shapes[0])
     if any(tuple(s) != shape for s in shapes):
         raise ValueError("from_table: records of different shapes cannot form one ImageSet")
+    spacing = tuple(table.column("spacing")[0].as_py())
+    if len(shape) != len(spacing) + 1 or len(shape) not in (3, 4):
+        raise ValueError(f"from_table: record shape {list(shape)} with spacing {list(spacing)} has no channel axis "
+                         f"(expected [C, *spatial]): the file predates multi-channel records; run `raysynth prepare` "
+                         f"(and later stages) again")
     images = np.stack([np.frombuffer(b, dtype=IMAGE_DTYPE).reshape(shape) for b in table.column("image").to_pylist()])
     raw_masks = table.column("mask").to_pylist()
     masks = None
     if any(m is not None for m in raw_masks):
         if any(m is None for m in raw_masks):
             raise ValueError("from_table: some records have masks and some do not")
-        masks = np.stack([np.frombuffer(m, dtype=MASK_DTYPE).reshape(shape) for m in raw_masks])
+        masks = np.stack([np.frombuffer(m, dtype=MASK_DTYPE).reshape(shape[1:]) for m in raw_masks])
     base = {f.name for f in REAL_SCHEMA}
     extra = {name: table.column(name).to_pylist() for name in table.column_names if name not in base}
     return ImageSet(
@@ -193,7 +216,7 @@ def from_table(table: pa.Table) -> ImageSet:
         labels=np.asarray(table.column("label").to_numpy(), dtype=np.int64),
         images=images.astype(np.float32, copy=True),
         masks=None if masks is None else masks.copy(),
-        spacing=tuple(table.column("spacing")[0].as_py()),
+        spacing=spacing,
         extra=extra,
     )
 

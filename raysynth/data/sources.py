@@ -7,7 +7,16 @@ own size and scanner units (preprocessing normalises). Accepted layouts:
 - ``DIR/<class>/<file>``: one subfolder per class holding 2D images (PNG, JPEG, BMP, TIFF; read
   as one grey channel) or NIfTI volumes.
 - ``DIR/labels.csv`` with columns ``file,label`` (``file`` relative to DIR, ``label`` a class
-  name or an integer).
+  name or an integer), optionally ``subject``; other columns are ignored.
+- ``DIR/x.png`` beside ``DIR/x_seg.png`` with no class subfolders, for ``task=segmentation``: a
+  flat segmentation folder. Its two classes are ``no_lesion`` and ``lesion``: whether a scan's
+  mask is empty, so folds are stratified by it and the generator is conditioned on it.
+
+Subjects: every record of one subject stays in one fold. A subject is one file, unless
+``labels.csv`` has a ``subject`` column, the folder holds a ``subjects.csv`` (``file,subject``),
+or ``data.subject_pattern`` is a regular expression whose first group, matched on the file name,
+is the subject id (``^(TCGA_[A-Z]{2}_[0-9]{4})``). Subject ids are replaced by ``p0000``,
+``p0001``, ... in sorted order, so patient names never travel further than the fingerprint.
 
 Segmentation masks sit beside their image: ``x.nii.gz`` -> ``x_seg.nii.gz``, ``x.png`` ->
 ``x_seg.png`` (the suffix is ``data.mask_suffix``); mask files are never taken as images.
@@ -26,6 +35,7 @@ import csv
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -42,6 +52,8 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MAX_VOXELS = 2**28
 """Header sizes above this (a 640^3 volume, a 16k^2 image) are refused before any data is read."""
 MAX_MASK_LABEL = 15
+FLAT_CLASSES = ["no_lesion", "lesion"]
+"""The classes of a flat segmentation folder: whether a scan's mask is empty."""
 
 
 class _BadFile(InputError):
@@ -61,11 +73,17 @@ def load_source(data_cfg) -> RawSet:
     entries, class_names = (_csv_entries if (root / "labels.csv").is_file() else _folder_entries)(root, data_cfg)
     if not entries:
         raise InputError(f"data.source: empty folder, no images found in {root}")
-    present = sorted({label for _, label in entries})
+    flat = data_cfg.task == "segmentation" and not (root / "labels.csv").is_file() and not any(
+        p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
+    if isinstance(data_cfg.channels, list):
+        entries = _one_entry_per_scan(root, entries, data_cfg.channels)
+    subject_keys = _subject_keys(root, entries, data_cfg)
+    entries = [(path, label) for path, label, _ in entries]
+    present = [0, 1] if flat else sorted({label for _, label in entries})
     if data_cfg.task == "classification" and len(present) < 2:
         raise InputError(f"data.source: only one class ({class_names[present[0]]!r}) in {root}; "
                          f"classification needs at least two")
-    nifti = [_is_nifti(p) for p, _ in entries]
+    nifti = [_is_nifti(p) for p, _ in entries]  # (path, label)
     if any(nifti) and not all(nifti):
         raise InputError(f"data.source: {root} mixes NIfTI volumes and 2D images")
     kind = "nifti" if all(nifti) else "images"
@@ -74,10 +92,17 @@ def load_source(data_cfg) -> RawSet:
 
     scans: list[RawScan] = []
     skipped: list[str] = []
+    anonymous = {key: f"p{i:04d}" for i, key in enumerate(sorted({k for k in subject_keys if k is not None}))}
     for index, (path, label) in enumerate(entries):
         rel = path.relative_to(root).as_posix()
         try:
-            scans.extend(_load_entry(root, path, rel, index, label, data_cfg))
+            loaded = _load_entry(root, path, rel, index, label, data_cfg)
+            for scan in loaded:
+                if subject_keys[index] is not None:
+                    scan.subject = anonymous[subject_keys[index]]
+                if flat:  # the class of a flat segmentation folder: does the mask show a lesion?
+                    scan.label = int(scan.mask is not None and bool(np.any(scan.mask)))
+            scans.extend(loaded)
         except _BadFile as exc:
             if data_cfg.bad_files != "skip":
                 raise
@@ -89,6 +114,9 @@ def load_source(data_cfg) -> RawSet:
         raise InputError(f"data.source: no readable images in {root} ({len(skipped)} skipped)")
     left = {s.label for s in scans}
     lost = [name for i, name in enumerate(class_names) if i in present and i not in left]
+    if lost and flat:
+        raise InputError(f"data.source: every mask in {root} is {'empty' if lost[0] == 'lesion' else 'non-empty'}; "
+                         "a flat segmentation folder needs scans with and without a lesion")
     if lost:
         raise InputError(f"data.source: every file of class {lost[0]!r} was skipped as unreadable")
     mask_names = None
@@ -128,9 +156,12 @@ def _folder_entries(root: Path, data_cfg) -> tuple[list[tuple[Path, int]], list[
         if real == real_root or real_root.is_relative_to(real):
             raise InputError(f"data.source: {p.name} is a symlink loop back to {root}")
     if not folders:
-        loose = [p for p in root.iterdir() if _is_input(p, data_cfg.mask_suffix)]
+        loose = sorted(p for p in root.iterdir() if (p.is_file() or p.is_symlink()) and _is_input(p, data_cfg.mask_suffix))
+        if loose and data_cfg.task == "segmentation":  # a flat folder of x.png + x_seg.png pairs
+            return [(p, 0, None) for p in loose], list(FLAT_CLASSES)
         if loose:
-            raise InputError(f"data.source: {root} has files but no class subfolders and no labels.csv")
+            raise InputError(f"data.source: {root} has files but no class subfolders and no labels.csv "
+                             "(a flat folder of images with masks beside them needs data.task=segmentation)")
         raise InputError(f"data.source: empty folder, no images found in {root}")
     entries = []
     for label, folder in enumerate(folders):
@@ -138,9 +169,9 @@ def _folder_entries(root: Path, data_cfg) -> tuple[list[tuple[Path, int]], list[
         files = sorted(p for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and _is_input(p, data_cfg.mask_suffix))
         if not files and any(folder.iterdir()):
             logger.warning("class folder %s holds no images", folder)
-        entries += [(p, label) for p in files]
+        entries += [(p, label, None) for p in files]
     names = [f.name for f in folders]
-    used = sorted({label for _, label in entries})
+    used = sorted({label for _, label, _ in entries})
     if used and len(used) < len(names):  # a class with no images at all cannot be learned or split
         empty = [names[i] for i in range(len(names)) if i not in used]
         raise InputError(f"data.source: class folder {empty[0]!r} in {root} holds no images")
@@ -175,8 +206,70 @@ def _csv_entries(root: Path, data_cfg) -> tuple[list[tuple[Path, int]], list[str
     numeric = all(v.lstrip("-").isdigit() for v in raw)
     names = sorted(set(raw), key=int) if numeric else sorted(set(raw))
     index = {name: i for i, name in enumerate(names)}
-    entries = sorted(((root / r["file"], index[r["label"]]) for r in rows), key=lambda e: e[0].as_posix())
+    has_subject = "subject" in rows[0]
+    if has_subject:
+        blank = [r["file"] for r in rows if not r.get("subject")]
+        if blank:
+            raise InputError(f"{table}: empty subject for {blank[0]!r} (the subject column, when present, names every file's subject)")
+    entries = sorted(((root / r["file"], index[r["label"]], r["subject"] if has_subject else None) for r in rows),
+                     key=lambda e: e[0].as_posix())
     return entries, names
+
+
+def _sequence_base(path: Path, suffixes: list[str]) -> str:
+    """The scan's base name: the file's stem less a ``_<suffix>`` of ``data.channels`` (any case)."""
+    stem = _stem(path)
+    return next((stem[: -len(f"_{s}")] for s in suffixes if stem.lower().endswith(f"_{s}".lower())), stem)
+
+
+def _one_entry_per_scan(root: Path, entries: list, suffixes: list[str]) -> list:
+    """With one NIfTI file per sequence, a class folder or labels.csv lists every sequence of a
+    scan: keep the first entry of each ``(folder, base)``. Sequences of one scan filed under two
+    labels (or two subjects) are a one-line error naming two of the files."""
+    kept: dict[tuple[Path, str], tuple] = {}
+    for entry in entries:
+        path, label, subject = entry
+        key = (path.parent, _sequence_base(path, suffixes).lower())
+        first = kept.setdefault(key, entry)
+        if (first[1], first[2]) != (label, subject):
+            a, b = (e[0].relative_to(root).as_posix() for e in (first, entry))
+            what = "labels" if first[1] != label else "subjects"
+            raise InputError(f"data.source: {a} and {b} are sequences of one scan with different {what}")
+    return list(kept.values())
+
+
+def _subject_keys(root: Path, entries: list[tuple[Path, int, Optional[str]]], data_cfg) -> list[Optional[str]]:
+    """Each entry's subject key (None: the file is its own subject), from labels.csv's subject
+    column, ``subjects.csv`` or ``data.subject_pattern``, in that order of precedence."""
+    keys = [key for _, _, key in entries]
+    table = root / "subjects.csv"
+    if table.is_file() and all(k is None for k in keys):
+        try:
+            with open(table, newline="", encoding="utf-8-sig") as fh:
+                reader = csv.DictReader(fh)
+                if not reader.fieldnames or not {"file", "subject"} <= {c.strip() for c in reader.fieldnames}:
+                    raise InputError(f"{table}: needs the columns file,subject; found {reader.fieldnames}")
+                given = {(r.get("file") or "").strip(): (r.get("subject") or "").strip() for r in reader}
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{table}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+        rels = [path.relative_to(root).as_posix() for path, _, _ in entries]
+        missing = [r for r in rels if not given.get(r)]
+        if missing:
+            raise InputError(f"{table}: no subject for {missing[0]!r} ({len(missing)} file(s) without one)")
+        keys = [given[r] for r in rels]
+    pattern = data_cfg.subject_pattern
+    if pattern is not None:
+        regex = re.compile(pattern)
+        matches = [regex.search(path.name) for path, _, _ in entries]
+        if not any(matches):
+            raise InputError(f"data.subject_pattern: {pattern!r} matches no file name in {root}, "
+                             f"e.g. not {entries[0][0].name!r}")
+        unmatched = [path.name for (path, _, _), m in zip(entries, matches) if m is None]
+        if unmatched:
+            raise InputError(f"data.subject_pattern: {pattern!r} matches {len(entries) - len(unmatched)} of "
+                             f"{len(entries)} file names, not {unmatched[0]!r}")
+        keys = [m.group(1) for m in matches]
+    return keys
 
 
 def mask_path(path: Path, mask_suffix: str) -> Optional[Path]:
@@ -194,28 +287,75 @@ def mask_path(path: Path, mask_suffix: str) -> Optional[Path]:
 
 
 def _load_entry(root: Path, path: Path, rel: str, index: int, label: int, data_cfg) -> list[RawScan]:
-    image, spacing, affine = _read_array(path, rel, is_mask=False)
+    """The record(s) of one listed entry: one 2D picture, one volume, or the slices of a volume.
+
+    Images come back with their channel axis, ``(C, H, W)`` or ``(C, X, Y, Z)``. ``data.channels``:
+
+    - ``grey``: one channel (an RGB picture must have identical channels);
+    - ``rgb``: a picture's three colour channels (a one-channel picture is refused);
+    - a list of NIfTI suffixes ``[t1, flair, ...]``: ``path`` names one scan, given either as the
+      file of any of its sequences (``x_t1.nii.gz``) or as its base name (``x``, ``x.nii.gz``); the
+      files ``x_<suffix>.nii.gz`` (or ``.nii``) beside it are read and stacked in the list's order.
+      They must share one grid. A missing sequence is a one-line error naming the scan and the
+      sequence (skipped with a warning under ``data.bad_files=skip``). The mask is ``x_seg.*``,
+      else the one beside the first sequence (``x_t1_seg.*``).
+    """
+    channels = data_cfg.channels
+    if isinstance(channels, list):
+        base, files = _sequence_files(path, rel, channels)
+        parts = []
+        for suffix, f in zip(channels, files):
+            frel = f.relative_to(root).as_posix()
+            arr, spacing, affine = _read_array(f, frel, is_mask=False)
+            if parts and arr.shape != parts[0][0].shape:
+                raise InputError(f"{rel}: sequence {suffix!r} ({frel}) has shape {arr.shape[1:]}, "
+                                 f"{channels[0]!r} has {parts[0][0].shape[1:]}; the sequences of a scan must share one grid")
+            parts.append((arr, spacing, affine))
+        image = np.concatenate([a for a, _, _ in parts], axis=0)
+        spacing, affine = parts[0][1], parts[0][2]
+        mask_candidates = [path.with_name(base + ".nii.gz"), files[0]]
+    else:
+        image, spacing, affine = _read_array(path, rel, is_mask=False, channels=channels)
+        mask_candidates = [path]
     _check_values(image, rel)  # the whole volume, not only the slices taken from it
-    if data_cfg.dims == 3 and image.ndim == 3 and image.shape[2] == 1:
-        raise InputError(f"{rel}: a single-slice volume {image.shape} cannot serve data.dims=3")
+    if data_cfg.dims == 3 and image.ndim == 4 and image.shape[3] == 1:
+        raise InputError(f"{rel}: a single-slice volume {image.shape[1:]} cannot serve data.dims=3")
     mask = None
     if data_cfg.task == "segmentation":  # classification ignores masks: not even read
-        mpath = mask_path(path, data_cfg.mask_suffix)
+        mpath = next((m for m in (mask_path(c, data_cfg.mask_suffix) for c in mask_candidates) if m is not None), None)
         if mpath is None:
-            raise InputError(f"{rel}: no mask {_stem(path)}{data_cfg.mask_suffix}.* beside it "
+            raise InputError(f"{rel}: no mask {_stem(mask_candidates[0])}{data_cfg.mask_suffix}.* beside it "
                              f"(task=segmentation needs one per image)")
         mrel = mpath.relative_to(root).as_posix()
-        mask = _check_mask(_read_array(mpath, mrel, is_mask=True)[0], image.shape, mrel)
+        mask = _check_mask(_read_array(mpath, mrel, is_mask=True)[0], image.shape[1:], mrel)
     sid = f"s{index:04d}"
-    if image.ndim == 2 or data_cfg.dims == 3:
-        return [RawScan(sid, sid, label, image, mask, spacing, affine if image.ndim == 3 else None, rel)]
+    if image.ndim == 3 or data_cfg.dims == 3:
+        return [RawScan(sid, sid, label, image, mask, spacing, affine if image.ndim == 4 else None, rel)]
     scans = []
-    for j, z in enumerate(_axial_indices(image.shape[2], data_cfg.slices_per_volume)):
-        plane = np.ascontiguousarray(np.rot90(image[:, :, z]))  # anterior-up axial view
+    for j, z in enumerate(_axial_indices(image.shape[3], data_cfg.slices_per_volume)):
+        plane = np.ascontiguousarray(np.rot90(image[:, :, :, z], axes=(1, 2)))  # anterior-up axial view
         _check_values(plane, f"{rel} (slice {z})")
         mplane = None if mask is None else np.ascontiguousarray(np.rot90(mask[:, :, z]))
         scans.append(RawScan(f"{sid}_z{j:02d}", sid, label, plane, mplane, (spacing[1], spacing[0]), None, rel))
     return scans
+
+
+def _sequence_files(path: Path, rel: str, suffixes: list[str]) -> tuple[str, list[Path]]:
+    """``(base, files)`` for a scan of one NIfTI file per sequence; ``path`` is one sequence's file
+    or the base name. Raises a skippable error naming the scan and the first missing sequence."""
+    base = _sequence_base(path, suffixes)
+    beside = {p.name.lower(): p for p in path.parent.iterdir() if p.is_file()}
+    files = []
+    for suffix in suffixes:  # file names matched in any case: IXI names T1 what BraTS names t1
+        found = next((beside[f"{base}_{suffix}{ext}".lower()] for ext in NIFTI_SUFFIXES
+                      if f"{base}_{suffix}{ext}".lower() in beside), None)
+        if found is None:
+            where = Path(rel).with_name(base).as_posix()
+            listed = f" (listed as {rel})" if Path(rel).name != Path(where).name else ""
+            raise _BadFile(f"{where}{listed}: no {suffix!r} sequence ({base}_{suffix}.nii.gz); data.channels "
+                           f"asks for {suffixes}")
+        files.append(found)
+    return base, files
 
 
 def _axial_indices(depth: int, count: int) -> list[int]:
@@ -229,14 +369,23 @@ def _axial_indices(depth: int, count: int) -> list[int]:
     return sorted({int(np.clip(round(z), 0, depth - 1)) for z in span})
 
 
-def _read_array(path: Path, rel: str, is_mask: bool) -> tuple[np.ndarray, tuple[float, ...], Optional[np.ndarray]]:
+def _read_array(path: Path, rel: str, is_mask: bool, channels="grey") -> tuple[np.ndarray, tuple[float, ...], Optional[np.ndarray]]:
+    """``(array, spacing, affine)``. Images carry a leading channel axis (``(C, H, W)`` or
+    ``(1, X, Y, Z)``); masks are spatial only. ``channels`` (``grey`` or ``rgb``) applies to pictures."""
     try:
         size = path.stat().st_size
     except OSError as exc:  # a dangling or looping symlink
         raise _BadFile(f"{rel}: unreadable ({_why(exc)})") from None
     if size == 0:
         raise _BadFile(f"{rel}: zero-byte file")
-    return _read_nifti(path, rel, is_mask) if _is_nifti(path) else _read_picture(path, rel, is_mask)
+    if _is_nifti(path):
+        data, spacing, affine = _read_nifti(path, rel, is_mask)
+        if channels == "rgb" and not is_mask:
+            raise InputError(f"{rel}: a NIfTI volume, but data.channels=rgb reads colour pictures; "
+                             f"name the sequences instead (data.channels=[t1, flair, ...])")
+        return (data if is_mask else data[None]), spacing, affine
+    data, spacing, affine = _read_picture(path, rel, is_mask, channels)
+    return data, spacing, affine
 
 
 def _read_nifti(path: Path, rel: str, is_mask: bool):
@@ -270,7 +419,12 @@ def _read_nifti(path: Path, rel: str, is_mask: bool):
     return data, spacing, affine
 
 
-def _read_picture(path: Path, rel: str, is_mask: bool):
+RGB_TOLERANCE = 8
+"""Grey levels by which the colour channels of a picture read as grey may differ (JPEG)."""
+
+
+def _read_picture(path: Path, rel: str, is_mask: bool, channels="grey"):
+    """``(C, H, W)`` float32 for an image (C = 1 for ``grey``, 3 for ``rgb``), ``(H, W)`` for a mask."""
     from PIL import Image
 
     try:
@@ -280,13 +434,26 @@ def _read_picture(path: Path, rel: str, is_mask: bool):
             im.load()
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "F") or (is_mask and im.mode in ("P", "L", "1")):
                 data = np.asarray(im, dtype=np.float32)  # keep 16-bit grey and palette indices as they are
+                colour = None
+            elif is_mask:
+                data, colour = np.asarray(im.convert("L"), dtype=np.float32), None
             else:
+                colour = None if im.mode in ("L", "1", "LA") else np.asarray(im.convert("RGB"), dtype=np.float32)
                 data = np.asarray(im.convert("L"), dtype=np.float32)
     except _BadFile:
         raise
     except Exception as exc:  # UnidentifiedImageError, truncated files, decompression bombs
         raise _BadFile(f"{rel}: unreadable image ({_why(exc)})") from None
-    return data, (1.0, 1.0), None
+    if is_mask:
+        return data, (1.0, 1.0), None
+    if channels == "rgb":
+        if colour is None:
+            raise InputError(f"{rel}: a one-channel (grey) picture, but data.channels=rgb needs three colour channels")
+        return np.ascontiguousarray(np.moveaxis(colour, -1, 0)), (1.0, 1.0), None
+    if colour is not None and (np.abs(colour - colour[..., :1]).max() > RGB_TOLERANCE):
+        raise InputError(f"{rel}: a colour picture whose channels differ, but data.channels=grey; "
+                         f"set data.channels=rgb to use each colour channel as a sequence")
+    return data[None], (1.0, 1.0), None
 
 
 def _why(exc: Exception) -> str:
@@ -296,6 +463,7 @@ def _why(exc: Exception) -> str:
 
 
 def _check_values(image: np.ndarray, rel: str) -> None:
+    """Every channel finite; not all channels one constant (one blank channel is allowed)."""
     if not np.isfinite(image).all():
         raise _BadFile(f"{rel}: contains NaN or Inf values")
     if float(image.max()) == float(image.min()):

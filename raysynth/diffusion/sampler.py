@@ -88,10 +88,11 @@ class ShardSampler:
         return rows
 
     def generate(self, label: int, indices: list[int]):
-        """Images ``(n, *S)`` in [-1, 1] and masks ``(n, *S)`` uint8 or None, one seed per sample."""
+        """Images ``(n, C, *S)`` in [-1, 1] and masks ``(n, *S)`` uint8 or None, one seed per sample."""
         s, cfg, meta = self.cfg.sampling, self.cfg, self.meta
         n_mask = int(meta["num_mask_classes"])
-        channels = 1 + n_mask if n_mask else 1
+        n_image = int(meta.get("num_channels", 1))  # generators trained before channels were explicit: grey
+        channels = n_image + n_mask
         shape = (channels,) + (cfg.data.image_size,) * cfg.data.dims
         images, masks = [], []
         for start in range(0, len(indices), s.batch_size):
@@ -100,7 +101,7 @@ class ShardSampler:
             labels = torch.full((len(chunk),), label, dtype=torch.long, device=self.device)
             with torch.autocast(device_type=self.device, dtype=torch.bfloat16, enabled=self.bf16):
                 x = self.process.sample(self.model, labels, shape, s.sampler, s.steps, gens)
-            img, msk = decode_joint(x.float().cpu(), n_mask)
+            img, msk = decode_joint(x.float().cpu(), n_mask, n_image)
             images.append(img.numpy())
             if msk is not None:
                 masks.append(msk.numpy())

@@ -48,7 +48,7 @@ def sample_quality(model, process, *, sampler: str, steps: int, labels: np.ndarr
         y = torch.as_tensor(labels[start:start + len(chunk)], dtype=torch.long, device=device)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             x = process.sample(model, y, shape, sampler, steps, gens)
-        images.append(decode_joint(x.float().cpu(), num_mask_classes)[0].numpy())
+        images.append(decode_joint(x.float().cpu(), num_mask_classes, shape[0] - num_mask_classes)[0].numpy())
     seconds = time.perf_counter() - t0
     images = np.concatenate(images)
     if not np.all(np.isfinite(images)):

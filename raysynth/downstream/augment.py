@@ -52,10 +52,11 @@ def _check_dims(dims: int) -> None:
 class ClassicalAugment:
     """Random flips, small affine, elastic (2D; 3D opt-in), bias field, Gaussian noise, gamma.
 
-    Call with ``images`` ``(B, 1, *S)`` in [-1, 1] and, for segmentation, ``masks`` ``(B, *S)``
-    integer labels; returns ``(images, masks)`` of the same shapes, dtypes and device (``masks``
-    None when not given). Each sample draws its own parameters; image and mask share the
-    spatial ones (mask resampled with nearest neighbour). The random stream starts at ``seed``
+    Call with ``images`` ``(B, C, *S)`` in [-1, 1] (C channels, e.g. sequences) and, for
+    segmentation, ``masks`` ``(B, *S)`` integer labels; returns ``(images, masks)`` of the same
+    shapes, dtypes and device (``masks`` None when not given). Each sample draws its own
+    parameters; all channels, image and mask share the spatial ones (mask resampled with nearest
+    neighbour); the intensity transforms act on every channel. The random stream starts at ``seed``
     when built, so a fresh augmenter with the same seed replays the same sequence.
     """
 
@@ -89,8 +90,8 @@ class ClassicalAugment:
     def __call__(
         self, images: torch.Tensor, masks: Optional[torch.Tensor] = None
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if images.ndim != self.dims + 2 or images.shape[1] != 1:
-            raise ValueError(f"images: expected (B, 1, *S) with {self.dims} spatial axes, got {tuple(images.shape)}")
+        if images.ndim != self.dims + 2 or images.shape[1] < 1:
+            raise ValueError(f"images: expected (B, C, *S) with {self.dims} spatial axes, got {tuple(images.shape)}")
         if self.segmentation and masks is None:
             raise ValueError("masks: required by a segmentation augmenter")
         if masks is not None and masks.shape != images.shape[:1] + images.shape[2:]:
@@ -213,8 +214,9 @@ def _corruption_transform(name: str, level: float) -> Callable[[torch.Tensor], t
 
 
 class Corruption:
-    """A graded test-time corruption: ``corrupt(images)`` with ``images`` ``(N, *S)`` in [-1, 1],
-    a numpy array or tensor; returns the same type, shape and dtype, clipped to [-1, 1].
+    """A graded test-time corruption: ``corrupt(images)`` with ``images`` ``(N, C, *S)`` in [-1, 1],
+    a numpy array or tensor; returns the same type, shape and dtype, clipped to [-1, 1]. Every
+    channel of an image is corrupted (one draw per image, applied to its C channels together).
 
     The random stream restarts at ``seed`` on every call, so corrupting the same test set
     twice gives identical images; within a call each image gets its own draw.
@@ -230,8 +232,8 @@ class Corruption:
         self.level = _SEVERITY[name][self.severity - 1]
 
     def __call__(self, images):
-        if images.ndim != self.dims + 1:
-            raise ValueError(f"images: expected (N, *S) with {self.dims} spatial axes, got shape {tuple(images.shape)}")
+        if images.ndim != self.dims + 2:
+            raise ValueError(f"images: expected (N, C, *S) with {self.dims} spatial axes, got shape {tuple(images.shape)}")
         is_numpy = isinstance(images, np.ndarray)
         x = torch.as_tensor(np.asarray(images) if is_numpy else images.detach().cpu()).float()
         transform = _corruption_transform(self.name, self.level)
@@ -240,10 +242,11 @@ class Corruption:
         if self.name in _CHANNEL_WISE:
             # Deterministic and channel by channel: one call on the stack (images as channels)
             # gives the same images as one call per image, many times faster.
-            out = convert_to_tensor(transform(_to_unit(x)), track_meta=False).float()
+            flat = _to_unit(x).reshape((-1,) + tuple(x.shape[2:]))
+            out = convert_to_tensor(transform(flat), track_meta=False).float().reshape(x.shape)
         else:
             out = torch.stack([
-                convert_to_tensor(transform(_to_unit(img)[None]), track_meta=False)[0].float() for img in x
+                convert_to_tensor(transform(_to_unit(img)), track_meta=False).float() for img in x
             ])
         out = _from_unit(out)
         if is_numpy:

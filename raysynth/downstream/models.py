@@ -78,18 +78,21 @@ def build_segmenter(dims: int, in_channels: int, num_classes: int, width: int) -
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    """What rebuilds a trained downstream network: its task, dims, number of outputs and width."""
+    """What rebuilds a trained downstream network: its task, dims, number of outputs, width and
+    input channels."""
 
     task: str
     dims: int
     num_outputs: int
     """Classification: classes. Segmentation: mask classes, background included."""
     width: int
+    in_channels: int = 1
+    """Image channels (sequences) the network reads."""
 
     def build(self) -> nn.Module:
         if self.task == "segmentation":
-            return build_segmenter(self.dims, 1, self.num_outputs, self.width)
-        return build_classifier(self.dims, 1, self.num_outputs, self.width)
+            return build_segmenter(self.dims, self.in_channels, self.num_outputs, self.width)
+        return build_classifier(self.dims, self.in_channels, self.num_outputs, self.width)
 
 
 def save_network(model: nn.Module, spec: NetworkSpec, path: str | Path) -> None:
@@ -109,12 +112,12 @@ def load_network(path: str | Path, device: str = "cpu") -> tuple[nn.Module, Netw
 
 
 def predict(model: nn.Module, task: str, images: np.ndarray, *, batch_size: int, device: str = "cpu") -> np.ndarray:
-    """Batched inference on ``images`` ``(N, *S)`` in [-1, 1]: classification gives ``(N, K)``
+    """Batched inference on ``images`` ``(N, C, *S)`` in [-1, 1]: classification gives ``(N, K)``
     softmax probabilities (float64), segmentation ``(N, *S)`` argmax label maps (uint8)."""
     dev = torch.device(device)
     model.eval()
     # np.require copies only what is not already a writable float32 C array (Ray hands out read-only ones).
-    x = torch.from_numpy(np.require(images, np.float32, ["C", "W"])).unsqueeze(1)
+    x = torch.from_numpy(np.require(images, np.float32, ["C", "W"]))
     seg = task == "segmentation"
     outputs = []
     with torch.inference_mode():
@@ -178,8 +181,8 @@ def _validate(task, train, test, num_classes, num_mask_classes, epochs, batch_si
         raise ValueError("test: no records")
     if train.dims not in (2, 3):
         raise ValueError(f"train: images of shape {train.images.shape} are neither 2D nor 3D")
-    if train.spatial_shape != test.spatial_shape:
-        raise ValueError(f"test: spatial shape {test.spatial_shape} differs from train {train.spatial_shape}")
+    if train.record_shape != test.record_shape:
+        raise ValueError(f"test: shape {test.record_shape} (channels first) differs from train {train.record_shape}")
     if min(train.spatial_shape) < 8:
         raise ValueError(f"train: spatial shape {train.spatial_shape} is below 8 on some axis")
     if epochs < 1:
@@ -230,12 +233,12 @@ def fit_and_evaluate(
 ) -> dict:
     """Train a fresh network on ``train`` and score it on ``test``; returns ``TrainResult.to_dict()``.
 
-    Inputs: ``ImageSet.images`` ``(N, *S)`` float32 in [-1, 1] (a channel axis is added);
+    Inputs: ``ImageSet.images`` ``(N, C, *S)`` float32 in [-1, 1] (the network reads C channels);
     classification uses ``labels`` ``(N,)`` and ``num_classes``; segmentation uses ``masks``
     ``(N, *S)`` and ``num_mask_classes`` (including background). AdamW with a per-step cosine
     schedule; cross-entropy (classification) or MONAI DiceCELoss (segmentation).
 
-    ``augment(images (B, 1, *S), masks (B, *S) | None) -> (images, masks)`` is applied to every
+    ``augment(images (B, C, *S), masks (B, *S) | None) -> (images, masks)`` is applied to every
     training batch on the CPU (see ``augment.build_classical_augment``). ``progress`` receives
     ``{"epoch", "epochs", "train_loss", "lr", "seconds"}`` after each epoch. ``save_to``: also
     write the trained network there (:func:`save_network`), for evaluation without retraining.
@@ -247,11 +250,11 @@ def fit_and_evaluate(
     # fork_rng restores the caller's RNG state afterwards; the seed alone fixes init and dropout.
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
-        spec = NetworkSpec(task, train.dims, num_mask_classes if seg else num_classes, width)
+        spec = NetworkSpec(task, train.dims, num_mask_classes if seg else num_classes, width, train.num_channels)
         model = spec.build().to(dev)
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True) if seg else nn.CrossEntropyLoss()
 
-        x_all = torch.from_numpy(np.ascontiguousarray(train.images, dtype=np.float32)).unsqueeze(1)
+        x_all = torch.from_numpy(np.ascontiguousarray(train.images, dtype=np.float32))
         y_all = torch.from_numpy(np.ascontiguousarray(train.masks if seg else train.labels)).long()
         n = len(train)
         steps = epochs * ((n + batch_size - 1) // batch_size)

@@ -34,11 +34,11 @@ DENOISING_SIGMA = 0.2  # noise std on the [-1, 1] intensity scale for the autoen
 class EncoderNet(nn.Module):
     """Conv blocks that halve the size, global average pooling, a linear feature layer, heads.
 
-    Shapes: input ``(B, 1, *spatial)``; :meth:`embed` returns ``(B, feature_dim)``.
+    Shapes: input ``(B, C, *spatial)`` with ``in_channels`` C; :meth:`embed` returns ``(B, feature_dim)``.
     """
 
     def __init__(self, spatial_dims: int, feature_dim: int, num_classes: int = 0,
-                 channels: Sequence[int] = CHANNELS, decoder: bool = False) -> None:
+                 channels: Sequence[int] = CHANNELS, decoder: bool = False, in_channels: int = 1) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims: {spatial_dims} must be 2 or 3")
@@ -46,10 +46,13 @@ class EncoderNet(nn.Module):
             raise ValueError(f"feature_dim: {feature_dim} must be >= 1")
         if num_classes < 0:
             raise ValueError(f"num_classes: {num_classes} must be >= 0")
+        if in_channels < 1:
+            raise ValueError(f"in_channels: {in_channels} must be >= 1")
+        self.in_channels = int(in_channels)
         conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
         self.spatial_dims = spatial_dims
         blocks: list[nn.Module] = []
-        c_in = 1
+        c_in = self.in_channels
         for c in channels:
             # GroupNorm, not BatchNorm: features must not depend on batch composition at inference.
             blocks += [conv(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(min(8, c), c), nn.SiLU(),
@@ -67,7 +70,7 @@ class EncoderNet(nn.Module):
                 ups += [nn.Upsample(scale_factor=2, mode="nearest"), conv(c_in, c, 3, padding=1), nn.SiLU()]
                 c_in = c
             self.up = nn.Sequential(*ups)
-            self.out = conv(c_in, 1, 3, padding=1)
+            self.out = conv(c_in, self.in_channels, 3, padding=1)
         else:
             self.expand = None
 
@@ -102,16 +105,16 @@ class Encoder:
 
     def _batches(self, images: np.ndarray, batch_size: int):
         images = np.asarray(images, dtype=np.float32)
-        if images.ndim != self.net.spatial_dims + 1:
-            raise ValueError(f"images: expected (N, *spatial) with {self.net.spatial_dims} spatial dims, "
-                             f"got shape {images.shape}")
+        if images.ndim != self.net.spatial_dims + 2 or images.shape[1] != self.net.in_channels:
+            raise ValueError(f"images: expected (N, {self.net.in_channels}, *spatial) with {self.net.spatial_dims} "
+                             f"spatial dims, got shape {images.shape}")
         if batch_size < 1:
             raise ValueError(f"batch_size: {batch_size} must be >= 1")
         for start in range(0, len(images), batch_size):
-            yield torch.from_numpy(images[start : start + batch_size]).unsqueeze(1)
+            yield torch.from_numpy(images[start : start + batch_size])
 
     def features(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """``images (N, *spatial)`` in [-1, 1] -> features ``(N, feature_dim)`` float64."""
+        """``images (N, C, *spatial)`` in [-1, 1] -> features ``(N, feature_dim)`` float64."""
         with torch.inference_mode():
             out = [self.net.embed(x).double().numpy() for x in self._batches(images, batch_size)]
         dim = self.net.project.out_features
@@ -134,10 +137,12 @@ def _build(dims: int, feature_dim: int, seed: int, **kwargs: Any) -> EncoderNet:
         return EncoderNet(dims, feature_dim, **kwargs)
 
 
-def random_encoder(dims: int, feature_dim: int, seed: int, reason: str = "configured") -> Encoder:
-    """A fixed, seeded, untrained CNN: reproducible features with no training data involved."""
-    net = _build(dims, feature_dim, seed)
+def random_encoder(dims: int, feature_dim: int, seed: int, reason: str = "configured", in_channels: int = 1) -> Encoder:
+    """A fixed, seeded, untrained CNN of ``in_channels`` input channels: reproducible features with
+    no training data involved."""
+    net = _build(dims, feature_dim, seed, in_channels=in_channels)
     return Encoder(net, {"kind": "random", "reason": reason, "objective": None, "feature_dim": feature_dim,
+                         "in_channels": int(in_channels),
                          "channels": list(net.channels), "seed": seed, "epochs": 0, "train_accuracy": None})
 
 
@@ -146,7 +151,8 @@ def train_encoder(images: np.ndarray, labels: np.ndarray, dims: int, feature_dim
     """Fit the encoder on real training images; a classifier, or a denoiser when there is one class.
 
     Args:
-        images: ``(N, *spatial)`` real training images in [-1, 1]; labels: ``(N,)`` class indices.
+        images: ``(N, C, *spatial)`` real training images in [-1, 1] (the encoder reads C channels);
+            labels: ``(N,)`` class indices.
         dims: 2 or 3 spatial dims; feature_dim: the feature width F.
         epochs: passes over the data; seed: seeds initialisation, shuffling and noise.
 
@@ -157,21 +163,23 @@ def train_encoder(images: np.ndarray, labels: np.ndarray, dims: int, feature_dim
     """
     images = np.asarray(images, dtype=np.float32)
     labels = np.asarray(labels, dtype=np.int64)
-    if images.ndim != dims + 1:
-        raise ValueError(f"images: expected (N, *spatial) with dims={dims}, got shape {images.shape}")
+    if images.ndim != dims + 2:
+        raise ValueError(f"images: expected (N, C, *spatial) with dims={dims}, got shape {images.shape}")
+    in_channels = int(images.shape[1])
     if labels.shape != (len(images),):
         raise ValueError(f"labels: expected shape ({len(images)},), got {labels.shape}")
     if epochs < 1:
         raise ValueError(f"epochs: {epochs} must be >= 1")
     if len(images) < 2:
-        return random_encoder(dims, feature_dim, seed, reason=f"only {len(images)} training image(s)")
+        return random_encoder(dims, feature_dim, seed, reason=f"only {len(images)} training image(s)",
+                              in_channels=in_channels)
     classes = np.unique(labels)
     classify = len(classes) >= 2
     num_classes = int(labels.max()) + 1 if classify else 0
-    net = _build(dims, feature_dim, seed, num_classes=num_classes, decoder=not classify)
+    net = _build(dims, feature_dim, seed, num_classes=num_classes, decoder=not classify, in_channels=in_channels)
     optimiser = torch.optim.Adam(net.parameters(), lr=learning_rate)
     gen = torch.Generator().manual_seed(seed)
-    x_all, y_all = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels)
+    x_all, y_all = torch.from_numpy(images), torch.from_numpy(labels)
     net.train()
     last = float("nan")
     for epoch in range(epochs):
@@ -193,7 +201,8 @@ def train_encoder(images: np.ndarray, labels: np.ndarray, dims: int, feature_dim
         logger.debug("encoder epoch %d/%d: loss %.4f", epoch + 1, epochs, last)
     description = {"kind": "trained", "reason": "configured",
                    "objective": "cross_entropy" if classify else "denoising_autoencoder",
-                   "feature_dim": feature_dim, "channels": list(net.channels), "seed": seed, "epochs": epochs,
+                   "feature_dim": feature_dim, "channels": list(net.channels), "in_channels": in_channels,
+                   "seed": seed, "epochs": epochs,
                    "num_train": int(len(images)), "classes_seen": [int(c) for c in classes],
                    "train_loss": last, "train_accuracy": None}
     if not classify:

@@ -222,7 +222,7 @@ def _ssim_fn(spatial_dims: int, settings: dict):
     k = (settings["kernel_size"],) * spatial_dims
     if settings["method"] == "ms_ssim":
         return lambda x, y: compute_ms_ssim(x, y, spatial_dims, data_range=1.0, kernel_size=k,
-                                            weights=settings["weights"]).view(-1)
+                                            weights=settings["weights"]).reshape(len(x), -1).mean(1)
     return lambda x, y: compute_ssim_and_cs(x, y, spatial_dims, k, (1.5,) * spatial_dims,
                                             data_range=1.0)[0].flatten(1).mean(1)
 
@@ -231,8 +231,9 @@ def ms_ssim_diversity(images: np.ndarray, pairs: int = 200, seed: int = 0, batch
     """Mean (MS-)SSIM over random distinct pairs within one set: lower means more diverse.
 
     Args:
-        images: ``(N, *spatial)`` in [-1, 1], 2D or 3D, N >= 2. Shifted to [0, 1] (data range 1) so
-            that SSIM's luminance term sees non-negative intensities, as it assumes.
+        images: ``(N, C, *spatial)`` in [-1, 1], 2D or 3D, N >= 2 (SSIM per channel, averaged over
+            channels). Shifted to [0, 1] (data range 1) so that SSIM's luminance term sees
+            non-negative intensities, as it assumes.
         pairs: number of random unordered pairs; all pairs are used when there are fewer.
         seed: seeds the pair draw.
 
@@ -240,8 +241,8 @@ def ms_ssim_diversity(images: np.ndarray, pairs: int = 200, seed: int = 0, batch
         ``{"mean", "std", "pairs", "method", "scales", "kernel_size"}`` (see :func:`ssim_settings`).
     """
     images = np.asarray(images, dtype=np.float32)
-    if images.ndim not in (3, 4):
-        raise ValueError(f"images: expected (N, H, W) or (N, D, H, W), got shape {images.shape}")
+    if images.ndim not in (4, 5):
+        raise ValueError(f"images: expected (N, C, H, W) or (N, C, D, H, W), got shape {images.shape}")
     if len(images) < 2:
         raise ValueError(f"images: need at least 2 images for pairs, got {len(images)}")
     if pairs < 1:
@@ -255,9 +256,9 @@ def ms_ssim_diversity(images: np.ndarray, pairs: int = 200, seed: int = 0, batch
         i = rng.integers(0, n, size=pairs)
         j = (i + rng.integers(1, n, size=pairs)) % n  # j != i by construction
         idx = np.stack([i, j], axis=1)
-    settings = ssim_settings(images.shape[1:])
-    fn = _ssim_fn(images.ndim - 1, settings)
-    x = torch.from_numpy((images + 1.0) / 2.0).unsqueeze(1)
+    settings = ssim_settings(images.shape[2:])
+    fn = _ssim_fn(images.ndim - 2, settings)
+    x = torch.from_numpy((images + 1.0) / 2.0)
     scores = []
     with torch.inference_mode():
         for start in range(0, len(idx), batch_size):

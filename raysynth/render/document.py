@@ -21,7 +21,7 @@ from raysynth.render.html import (
     Table,
 )
 from raysynth.render.robust_document import robustness_blocks
-from raysynth.render.text import ALPHA, fmt, pct, primary_metric
+from raysynth.render.text import ALPHA, fmt, num, pct, primary_metric
 
 
 def methods(report: dict) -> list[str]:
@@ -44,7 +44,7 @@ def methods(report: dict) -> list[str]:
     out = [
         f"Data. {d.get('num_records')} real {report['dims']}D images of {d.get('num_subjects')} subjects from {source}, "
         f"classes {classes}, preprocessed to {shape} voxels with intensities scaled to [-1, 1] "
-        f"(percentiles {cfg['data']['low_percentile']:g}-{cfg['data']['high_percentile']:g}).",
+        f"(percentiles {cfg['data']['low_percentile']:g}-{cfg['data']['high_percentile']:g}). " + duplicates_sentence(d),
         f"Design. Stratified, subject-grouped {design['folds_per_repeat']}-fold cross-validation repeated "
         f"{design['repeats']} time(s) (seed {cv['seed']}), {n_splits} splits in all, written once and read by every "
         f"condition and seed. Real training data per split: {frac_text}; the smaller sizes are nested, stratified "
@@ -68,10 +68,25 @@ def methods(report: dict) -> list[str]:
         f"the same real-data size, paired by split. Primary test: the {report['primary_test']['label']}, because "
         f"{report['primary_test']['why']}. Also reported: the paired t-test, the Wilcoxon signed-rank test, a BCa "
         f"bootstrap 95% interval of the mean paired difference (10000 resamples), and Cohen's d_z and Hedges' g_z. "
-        f"Intervals of single conditions are Nadeau-Bengio corrected t intervals over splits. In the correction, "
+        f"Intervals of single conditions are Nadeau-Bengio corrected t intervals over splits, clipped to the metric's range "
+        f"(0 to 1 for accuracy, sensitivity, specificity, AUC, ECE and Dice; differences to -1 to 1). In the correction, "
         f"n_train is the number of real training images at that real-data size and n_test the size of the test part.",
     ]
     return out
+
+
+def duplicates_sentence(data: dict) -> str:
+    """What prepare found and did about exact and near-duplicate images (fingerprint.json)."""
+    dup = data.get("duplicates") or {}
+    if "num_groups" not in dup:
+        why = dup.get("not_run")
+        return f"Duplicates: not searched ({why})." if why else ""
+    done = {"group": "each group was made one subject, so no group spans a training and a test part",
+            "drop": f"one image per group was kept ({dup.get('num_dropped', 0)} dropped)",
+            "keep": "they were kept as they are, so a group may span folds and inflate the metrics"}[dup["policy"]]
+    return (f"Duplicates: {dup['num_groups']} groups of exact or near-duplicate images ({dup['num_grouped_images']} "
+            f"images, {dup['num_exact']} exact copies) at normalised correlation >= {dup['threshold']:g} "
+            f"({dup['method']}); {done}.")
 
 
 def findings(report: dict) -> list[str]:
@@ -82,11 +97,11 @@ def findings(report: dict) -> list[str]:
             r = by_metric.get(m, {})
             if "mean_diff" not in r:
                 continue
-            holm_p = r.get("nb_p_holm", float("nan"))
-            verdict = ("significant after Holm correction" if holm_p < ALPHA else
-                       "not significant after Holm correction" if not math.isnan(holm_p) else "no test possible")
-            out.append(f"Real data {pct(p)}, {c}: {m} {r['mean_b']:.3f} against baseline {r['mean_a']:.3f}, difference "
-                       f"{r['mean_diff']:+.3f} (corrected 95% CI {fmt(r['nb_ci_low'])} to {fmt(r['nb_ci_high'])}; "
+            holm_p = r.get("nb_p_holm")  # None (null in report.json): no test was possible
+            verdict = ("no test possible" if holm_p is None or math.isnan(holm_p) else
+                       "significant after Holm correction" if holm_p < ALPHA else "not significant after Holm correction")
+            out.append(f"Real data {pct(p)}, {c}: {m} {num(r['mean_b'], '.3f')} against baseline {num(r['mean_a'], '.3f')}, difference "
+                       f"{num(r['mean_diff'], '+.3f')} (corrected 95% CI {fmt(r['nb_ci_low'])} to {fmt(r['nb_ci_high'])}; "
                        f"bootstrap {fmt(r['boot_ci_low'])} to {fmt(r['boot_ci_high'])}; "
                        f"corrected p = {fmt(r.get('nb_p'))}, Holm {fmt(holm_p)}; paired t p = {fmt(r.get('t_p'))}): "
                        f"{verdict} at {ALPHA:g}.")
@@ -146,9 +161,14 @@ def _quality_blocks(q: dict) -> list[Block]:
         gate = f.get("gate", {})
         rows.append((f"split {f['fold']}", fmt(syn.get("fd")), fmt(ref.get("fd")), fmt(syn.get("precision")),
                      fmt(syn.get("recall")), f"{gate.get('count', '?')}/{gate.get('total', '?')}",
-                     "passed" if gate.get("passed") else "FAILED"))
-    return [Paragraph(f"Privacy gate: {'passed' if q.get('privacy_passed') else 'FAILED'}. Quality and privacy are "
-                      "measured for the generators trained on each split's whole training part."),
+                     "passed" if gate.get("passed") else "FAILED" if gate.get("discriminates", True)
+                     else "cannot discriminate"))
+    verdict = q.get("privacy_verdict") or ("passed" if q.get("privacy_passed") else "failed")
+    blind = [f"split {f['fold']}: {f['gate']['why']}" for f in q.get("folds", []) if not f.get("gate", {}).get(
+        "discriminates", True)]
+    why = (" It is not a pass: the gate could not discriminate (" + "; ".join(blind) + ").") if blind else ""
+    return [Paragraph(f"Privacy gate: {verdict.upper() if verdict != 'passed' else verdict}.{why} Quality and "
+                      "privacy are measured for the generators trained on each split's whole training part."),
             Table(("split", "Frechet distance", "real-vs-real reference", "precision", "recall", "near-copies", "gate"),
                   tuple(rows), "features from an encoder trained on the split's real training images")]
 

@@ -17,11 +17,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from raysynth.render.text import metric_label
+from raysynth.render.text import metric_label, num
 
 
 def middle_slice(image: np.ndarray, axis: int = 0) -> np.ndarray:
-    """A 2D view of a 2D image ``(H, W)`` or the middle slice of a volume ``(D, H, W)``."""
+    """A 2D view of one spatial array: a 2D image or mask ``(H, W)`` as it is, or the middle slice
+    of a volume ``(D, H, W)`` along ``axis``. For images with a channel axis see :func:`image_view`."""
     if image.ndim == 2:
         return image
     if image.ndim != 3:
@@ -29,9 +30,45 @@ def middle_slice(image: np.ndarray, axis: int = 0) -> np.ndarray:
     return np.take(image, image.shape[axis] // 2, axis=axis)
 
 
+def shown_channels(num_channels: int) -> int:
+    """How many channels a figure shows: 3 as an RGB composite, else 1 (grey: the first channel)."""
+    return 3 if num_channels == 3 else 1
+
+
+def channel_note(num_channels: int) -> str:
+    """A title suffix saying what a figure of ``num_channels``-channel images shows ('' for 1 and 3)."""
+    if num_channels in (1, 3):
+        return " (channels as RGB)" if num_channels == 3 else ""
+    return f" (first of {num_channels} channels shown)"
+
+
+def image_view(image: np.ndarray, axis: int = 0) -> np.ndarray:
+    """The displayed channels of one image ``(C, H, W)`` or volume ``(C, D, H, W)`` (middle slice
+    along spatial ``axis``): ``(3, H, W)`` for C = 3 (an RGB composite), else ``(1, H, W)`` (the
+    first channel)."""
+    image = np.asarray(image)
+    if image.ndim not in (3, 4):
+        raise ValueError(f"image_view: expected (C, H, W) or (C, D, H, W), got {image.shape}")
+    keep = image[: shown_channels(image.shape[0])]
+    return np.stack([middle_slice(c, axis) for c in keep])
+
+
+def show(ax, view: np.ndarray, **kwargs) -> None:
+    """``imshow`` of a view ``(1, H, W)`` (grey) or ``(3, H, W)`` (RGB) with intensities in [-1, 1];
+    a bare ``(H, W)`` array is shown as grey."""
+    view = np.asarray(view)
+    if view.ndim == 2:
+        view = view[None]
+    if view.shape[0] == 3:
+        ax.imshow(np.clip((np.moveaxis(view, 0, -1) + 1.0) / 2.0, 0.0, 1.0), **kwargs)
+    else:
+        ax.imshow(view[0], cmap="gray", vmin=-1, vmax=1, **kwargs)
+
+
 def encode_images(images: np.ndarray, scale: bool = True) -> dict:
     """Images as base64 uint8 (intensities [-1, 1] -> 0..255), small enough for report.json;
-    ``scale=False`` stores integer label maps as they are."""
+    ``scale=False`` stores integer label maps as they are. Any shape; images keep their channel
+    axis (thumbnails are ``(N, C', H, W)`` from :func:`image_view`, C' = 1 or 3)."""
     data = np.round((np.asarray(images) + 1.0) * 127.5).clip(0, 255) if scale else images
     arr = np.ascontiguousarray(data, dtype=np.uint8)
     return {"shape": list(arr.shape), "uint8_base64": base64.b64encode(arr.tobytes()).decode("ascii")}
@@ -53,7 +90,8 @@ def png_bytes(fig) -> bytes:
 
 def save_grid(path: str | Path, images: np.ndarray, masks: Optional[np.ndarray] = None, *, title: str = "",
               columns: int = 8) -> None:
-    """A grid of samples (middle axial slice for volumes), with mask contours overlaid if given."""
+    """A grid of samples ``(N, C, *S)`` (middle axial slice for volumes), with mask contours
+    overlaid if given; see :func:`grid_png`."""
     if len(images) == 0:
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -62,8 +100,12 @@ def save_grid(path: str | Path, images: np.ndarray, masks: Optional[np.ndarray] 
 
 def grid_png(images: np.ndarray, masks: Optional[np.ndarray] = None, *, title: str = "", columns: int = 8,
              row_labels: Optional[Sequence[str]] = None) -> bytes:
-    """PNG bytes of a grid of images ``(N, H, W)`` or volumes ``(N, D, H, W)`` (middle slice)."""
+    """PNG bytes of a grid of images ``(N, C, H, W)`` or volumes ``(N, C, D, H, W)`` (middle slice);
+    masks ``(N, *S)``. C = 3 is shown as an RGB composite, C = 1 as grey, other C as the first
+    channel (and the title says so)."""
     n = len(images)
+    note = channel_note(images.shape[1]) if n and np.ndim(images) >= 4 else ""
+    title = title + note if title else note.strip(" ()")
     cols = min(columns, n)
     rows = int(np.ceil(n / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.4 * rows + (0.4 if title else 0)), squeeze=False)
@@ -71,7 +113,7 @@ def grid_png(images: np.ndarray, masks: Optional[np.ndarray] = None, *, title: s
         ax.axis("off")
     for i in range(n):
         ax = axes.flat[i]
-        ax.imshow(middle_slice(images[i]), cmap="gray", vmin=-1, vmax=1)
+        show(ax, image_view(images[i]))
         if masks is not None:
             m = middle_slice(masks[i])
             if m.max() > 0:
@@ -86,14 +128,16 @@ def grid_png(images: np.ndarray, masks: Optional[np.ndarray] = None, *, title: s
 
 
 def orthogonal_png(slices: Sequence[np.ndarray], masks: Optional[Sequence[np.ndarray]] = None, *, title: str = "") -> bytes:
-    """Three orthogonal middle slices (rows; each ``(N, a, b)``) of N volumes (columns)."""
+    """Three orthogonal middle slices (rows; each ``(N, C', a, b)`` views from :func:`image_view`,
+    or ``(N, a, b)`` grey) of N volumes (columns)."""
     n = len(slices[0])
     fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 4.8), squeeze=False)
     for j in range(n):
         for axis in range(3):
             ax = axes[axis, j]
             ax.axis("off")
-            ax.imshow(np.rot90(slices[axis][j]), cmap="gray", vmin=-1, vmax=1)
+            view = np.asarray(slices[axis][j])
+            show(ax, np.rot90(view, axes=(-2, -1)))
             if masks is not None:
                 m = np.rot90(masks[axis][j])
                 if m.max() > 0:
@@ -165,7 +209,7 @@ def roc_png(roc: dict) -> bytes:
     fig, axes = plt.subplots(1, len(fractions), figsize=(max(4.0, 3.6 * len(fractions)), 4.0), squeeze=False, layout="constrained")
     for ax, p in zip(axes[0], fractions):
         for c, curve in roc["curves"][p].items():
-            ax.plot(roc["fpr"], curve["tpr"], lw=1.2, label=f"{c} ({curve['auc_pooled']:.3f})")
+            ax.plot(roc["fpr"], curve["tpr"], lw=1.2, label=f"{c} ({num(curve['auc_pooled'], '.3f')})")
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
         kind = next(iter(roc["curves"][p].values()))["kind"]
         ax.set_title(f"real data {float(p):.0%} ({kind})", fontsize=8)

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from raysynth.io import atomic_path
-from raysynth.render.figures import middle_slice
+from raysynth.render.figures import channel_note, image_view, middle_slice, show
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
@@ -67,7 +67,8 @@ def plot_nearest_pairs(synthetic: np.ndarray, real: np.ndarray, ncc: np.ndarray,
     """The closest synthetic/real pairs side by side: synthetic on top, its nearest real below.
 
     Args:
-        synthetic, real: ``(P, *spatial)`` matched pairs, closest first (3D shows the middle slice).
+        synthetic, real: ``(P, C, *spatial)`` matched pairs, closest first (3D shows the middle
+            slice; C = 3 as RGB, other C > 1 the first channel).
         ncc: ``(P,)`` the pair's NCC, shown in each title (red when above ``threshold``).
         path: the PNG to write; fold: for the title; captions: optional per-pair text (e.g. labels).
     """
@@ -80,7 +81,7 @@ def plot_nearest_pairs(synthetic: np.ndarray, real: np.ndarray, ncc: np.ndarray,
     for j in range(p):
         for row, (img, name) in enumerate(((synthetic[j], "synthetic"), (real[j], "nearest real"))):
             ax = axes[row, j]
-            ax.imshow(middle_slice(img), cmap="gray", vmin=-1.0, vmax=1.0, interpolation="nearest")
+            show(ax, image_view(img), interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if j == 0:
@@ -88,10 +89,10 @@ def plot_nearest_pairs(synthetic: np.ndarray, real: np.ndarray, ncc: np.ndarray,
         flagged = threshold is not None and ncc[j] > threshold
         title = f"NCC {ncc[j]:.3f}" + (f"\n{captions[j]}" if captions else "")
         axes[0, j].set_title(title, fontsize=8, color="tab:red" if flagged else "black")
-    view = " (middle slice)" if synthetic.ndim == 4 else ""
+    view = (" (middle slice)" if synthetic.ndim == 5 else "") + channel_note(synthetic.shape[1])
     fig.suptitle(f"Fold {fold}: closest synthetic / real training pairs{view}", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
 
 
-__all__ = ["middle_slice", "plot_ncc_histograms", "plot_nearest_pairs"]
+__all__ = ["middle_slice", "image_view", "plot_ncc_histograms", "plot_nearest_pairs"]

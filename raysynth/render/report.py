@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from raysynth.errors import StageError
-from raysynth.io import write_bytes, write_text
+from raysynth.io import strict, write_bytes, write_text
 from raysynth.render import figures
 from raysynth.render import robust_figures as rf
 from raysynth.render.document import build_document
 from raysynth.render.figures import decode_images as _decode
 from raysynth.render.html import render_html, render_markdown
-from raysynth.render.text import primary_metric
+from raysynth.render.text import num, primary_metric
 
 THUMBNAILS = 8
 """Real and synthetic samples shown per class and generator."""
@@ -82,12 +83,24 @@ def robustness_figures(rb: dict, conditions: list[str]) -> dict[str, bytes]:
     return images
 
 
+RESULT_SECTIONS = ("summary", "comparisons", "roc", "generator_loss")
+"""The numeric sections of report.json, where a null is a value that is not defined (NaN)."""
+
+
+def _nan_for_null(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _nan_for_null(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_nan_for_null(v) for v in node]
+    return float("nan") if node is None else node
+
+
 def render_from_json(source: dict | str | Path, out_dir: str | Path) -> dict:
     """Write report.html, report.md and the PNG figures into ``out_dir`` from a report.json
     (a path, or its loaded dict). Returns the report. Deterministic: the same report.json gives
     byte-identical files."""
     if isinstance(source, dict):
-        report = json.loads(json.dumps(source))  # what a reader of the file would see
+        report = json.loads(json.dumps(strict(source)))  # what a reader of the file would see
     else:
         if not Path(source).is_file():
             raise StageError(f"report: no report.json at {source}; run `raysynth report` after the study")
@@ -96,6 +109,9 @@ def render_from_json(source: dict | str | Path, out_dir: str | Path) -> dict:
     if missing:
         raise StageError(f"report: report.json lacks {sorted(missing)} (written by an older raysynth); "
                          "rerun `raysynth report` with the study's results present")
+    for key in RESULT_SECTIONS:  # report.json stores NaN as null: the renderers compute with NaN
+        if key in report:
+            report[key] = _nan_for_null(report[key])
     images = report_figures(report)
     title, blocks = build_document(report, set(images))
     out = Path(out_dir)
@@ -115,16 +131,17 @@ def summary_lines(report: dict) -> list[str]:
         for c, by_metric in report["summary"][p].items():
             if primary in by_metric:
                 s = by_metric[primary]
-                lines.append(f"real {float(p):>4.0%} {c:>24}: {primary} {s['mean']:.3f} (sd {s['sd']:.3f}, "
-                             f"{s['n_splits']} splits)")
+                lines.append(f"real {float(p):>4.0%} {c:>24}: {primary} {num(s['mean'], '.3f')} "
+                             f"(sd {num(s.get('sd'), '.3f')}, {s['n_splits']} splits)")
         for c, by_metric in report["comparisons"].get(p, {}).items():
             r = by_metric.get(primary, {})
             if "mean_diff" in r:
-                lines.append(f"real {float(p):>4.0%} {c} - baseline: {r['mean_diff']:+.3f} "
-                             f"[corrected 95% CI {r['nb_ci_low']:+.3f}, {r['nb_ci_high']:+.3f}], "
-                             f"corrected t p={r.get('nb_p', float('nan')):.3g} (Holm {r.get('nb_p_holm', float('nan')):.3g}), "
-                             f"paired t p={r.get('t_p', float('nan')):.3g}")
+                lines.append(f"real {float(p):>4.0%} {c} - baseline: {num(r['mean_diff'], '+.3f')} "
+                             f"[corrected 95% CI {num(r.get('nb_ci_low'), '+.3f')}, {num(r.get('nb_ci_high'), '+.3f')}], "
+                             f"corrected t p={num(r.get('nb_p'), '.3g')} (Holm {num(r.get('nb_p_holm'), '.3g')}), "
+                             f"paired t p={num(r.get('t_p'), '.3g')}")
     q = report.get("quality")
     if q and "privacy_passed" in q:
-        lines.append(f"privacy gate: {'passed' if q['privacy_passed'] else 'FAILED'}")
+        verdict = q.get("privacy_verdict") or ("passed" if q["privacy_passed"] else "failed")
+        lines.append(f"privacy gate: {verdict if verdict == 'passed' else verdict.upper()}")
     return lines

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from raysynth.render.html import Block, Bullets, Figure, Heading, Paragraph, Table
-from raysynth.render.text import ALPHA, fmt, pct
+from raysynth.render.text import ALPHA, fmt, num, pct
 
 
 def _verdict(p: float) -> str:
@@ -51,7 +51,7 @@ def _comparison_rows(block: dict, metric: str, prefix: tuple) -> list[tuple]:
             r = by_metric.get(metric, {})
             if "mean_diff" not in r:
                 continue
-            rows.append((*prefix, pct(p), c, str(r["n"]), f"{r['mean_diff']:+.3f}",
+            rows.append((*prefix, pct(p), c, str(r["n"]), f"{num(r['mean_diff'], '+.3f')}",
                          f"[{fmt(r['nb_ci_low'])}, {fmt(r['nb_ci_high'])}]", fmt(r.get("nb_p")),
                          fmt(r.get("nb_p_holm")), fmt(r.get("t_p"))))
     return rows
@@ -71,7 +71,7 @@ def findings(rb: dict) -> list[str]:
             if "mean_diff" in r:
                 mce = rb.get("mce", {}).get(p, {}).get(c, {})
                 out.append(f"Corrupted test parts, real data {pct(p)}, {c}: {m} averaged over all corruptions "
-                           f"{r['mean_b']:.3f} against baseline {r['mean_a']:.3f} ({r['mean_diff']:+.3f}, corrected "
+                           f"{num(r['mean_b'], '.3f')} against baseline {num(r['mean_a'], '.3f')} ({num(r['mean_diff'], '+.3f')}, corrected "
                            f"95% CI {fmt(r['nb_ci_low'])} to {fmt(r['nb_ci_high'])}, Holm p = "
                            f"{fmt(r.get('nb_p_holm'))}: {_verdict(r.get('nb_p_holm'))}); mCE {fmt(mce.get('mce'))}, "
                            f"relative mCE {fmt(mce.get('relative_mce'))}.")
@@ -80,8 +80,8 @@ def findings(rb: dict) -> list[str]:
         for c, by_metric in ext[p].items():
             r = by_metric.get(m, {})
             if "mean_diff" in r:
-                out.append(f"External test set, real data {pct(p)}, {c}: {m} {r['mean_b']:.3f} against baseline "
-                           f"{r['mean_a']:.3f} ({r['mean_diff']:+.3f}, corrected 95% CI {fmt(r['nb_ci_low'])} to "
+                out.append(f"External test set, real data {pct(p)}, {c}: {m} {num(r['mean_b'], '.3f')} against baseline "
+                           f"{num(r['mean_a'], '.3f')} ({num(r['mean_diff'], '+.3f')}, corrected 95% CI {fmt(r['nb_ci_low'])} to "
                            f"{fmt(r['nb_ci_high'])}, Holm p = {fmt(r.get('nb_p_holm'))}: "
                            f"{_verdict(r.get('nb_p_holm'))}).")
     return out

@@ -10,8 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from raysynth.render.figures import decode_images, plt, png_bytes
-from raysynth.render.text import metric_label
+from raysynth.render.figures import decode_images, plt, png_bytes, show
+from raysynth.render.text import metric_label, num
 
 
 def _colours(conditions: Sequence[str]) -> dict[str, tuple]:
@@ -64,8 +64,10 @@ def mce_png(mce: dict, metric: str) -> bytes:
     for ax, p in zip(axes[0], fractions):
         conds = list(mce[p])
         x = np.arange(len(conds))
-        ax.bar(x - 0.2, [mce[p][c]["mce"] for c in conds], 0.4, label="mCE")
-        ax.bar(x + 0.2, [mce[p][c]["relative_mce"] for c in conds], 0.4, label="relative mCE")
+        # None (undefined: e.g. a baseline that no corruption degraded) draws no bar.
+        ax.bar(x - 0.2, [np.nan if mce[p][c]["mce"] is None else mce[p][c]["mce"] for c in conds], 0.4, label="mCE")
+        ax.bar(x + 0.2, [np.nan if mce[p][c]["relative_mce"] is None else mce[p][c]["relative_mce"] for c in conds],
+               0.4, label="relative mCE")
         ax.axhline(1.0, color="grey", ls="--", lw=0.8)
         ax.set_xticks(x, conds, rotation=30, ha="right", fontsize=7)
         ax.set_title(f"real data {float(p):.0%}", fontsize=9)
@@ -120,7 +122,7 @@ def reliability_png(calibration: dict, where: str) -> bytes:
             conf = np.array([np.nan if v is None else v for v in curve["confidence"]], dtype=float)
             acc = np.array([np.nan if v is None else v for v in curve["accuracy"]], dtype=float)
             keep = ~np.isnan(conf)
-            ax.plot(conf[keep], acc[keep], marker="o", ms=3, lw=1.1, label=f"{cond} (ECE {curve['ece']:.3f})")
+            ax.plot(conf[keep], acc[keep], marker="o", ms=3, lw=1.1, label=f"{cond} (ECE {num(curve['ece'], '.3f')})")
         ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=0.8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
@@ -143,7 +145,7 @@ def corruption_examples_png(examples: dict, severities: Sequence[int]) -> bytes:
         images = [clean, *decode_images(examples["rows"][name])]
         for c, image in enumerate(images):
             ax = axes[r, c]
-            ax.imshow(image, cmap="gray", vmin=-1, vmax=1)
+            show(ax, image)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -166,7 +168,7 @@ def external_examples_png(examples: dict) -> bytes:
             ax.set_xticks([])
             ax.set_yticks([])
             if c < len(decoded[n]):
-                ax.imshow(decoded[n][c], cmap="gray", vmin=-1, vmax=1)
+                show(ax, decoded[n][c])
         axes[r, 0].set_ylabel(n, fontsize=7)
     fig.suptitle("external test set, per class", fontsize=8)
     fig.tight_layout()

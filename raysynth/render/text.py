@@ -18,6 +18,13 @@ def fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
+def num(x: Any, spec: str) -> str:
+    """``format(x, spec)``, or ``n/a`` for a missing (null in report.json) or NaN value."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return format(x, spec)
+
+
 def pct(p: str | float) -> str:
     """A real-data fraction as a percentage: ``0.25`` -> ``25%``."""
     return f"{float(p):.0%}"

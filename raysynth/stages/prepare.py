@@ -20,11 +20,13 @@ import raysynth
 from raysynth.artifacts import Layout, fraction_key, prepared_digest, read_json
 from raysynth.config import Config
 from raysynth.data.preprocess import preprocess
-from raysynth.data.raw import RawSet
+from raysynth.data.raw import RawSet, channel_names
 from raysynth.data.schema import ImageSet, read_parquet, write_parquet
 from raysynth.data.sources import load_source, source_signature
 from raysynth.data.splits import make_splits
+from raysynth.data.subjects import group_duplicates
 from raysynth.design import scarcity_subsets
+from raysynth.errors import InputError
 from raysynth.io import write_json
 
 logger = logging.getLogger(__name__)
@@ -44,12 +46,24 @@ def prepare(cfg: Config, layout: Layout, force: bool = False) -> dict:
             return current
     start = time.perf_counter()
     logger.info("prepare: loading %s", cfg.data.source or "the embedded cohort")
+    if cfg.data.source is None and cfg.data.channels != "grey":
+        raise InputError(f"data.channels={cfg.data.channels!r}: the embedded cohort has one grey channel; "
+                         f"set data.source to a folder of multi-channel scans")
     raw = load_source(cfg.data)
+    duplicates: dict = {"policy": cfg.data.duplicates, "not_run": "the embedded cohort: distinct scans by construction"}
+    if not raw.kind.startswith("phantom"):
+        t0 = time.perf_counter()
+        logger.info("prepare: looking for exact and near-duplicates among %d images", len(raw.scans))
+        raw, duplicates = group_duplicates(raw, cfg.data.duplicates, cfg.data.duplicate_threshold)
+        logger.info("prepare: %d duplicate groups (%d images) at threshold %g in %.1f s (data.duplicates=%s)",
+                    duplicates["num_groups"], duplicates["num_grouped_images"], duplicates["threshold"],
+                    time.perf_counter() - t0, cfg.data.duplicates)
     logger.info("prepare: %d raw records (%s); preprocessing", len(raw.scans), raw.kind)
     records = preprocess(raw, cfg.data)
     folds = make_splits(records.labels, records.subjects, cfg.cv.folds, cfg.cv.repeats, cfg.cv.seed,
                         ids=records.ids, class_names=raw.class_names)
     fingerprint = _fingerprint(cfg, raw, records, digest, signature)
+    fingerprint["duplicates"] = duplicates
     splits = {"folds": folds, "seed": cfg.cv.seed, "n_folds": cfg.cv.folds, "repeats": cfg.cv.repeats,
               "stratified_by": "label", "grouped_by": "subject"}
 
@@ -129,8 +143,11 @@ def _fingerprint(cfg: Config, raw: RawSet, records: ImageSet, digest: str, signa
         "counts": {name: int(c) for name, c in zip(raw.class_names, counts)},
         "num_records": len(records),
         "num_subjects": len(set(records.subjects)),
-        "shape": list(records.spatial_shape),
-        "spacing": [float(s) for s in records.spacing],
+        "shape": list(records.record_shape),  # [C, *spatial]
+        "channels": channel_names(d.channels, records.num_channels),
+        # A picture has no physical spacing: it is recorded as unknown, in pixels, never as millimetres.
+        "spacing": None if raw.kind == "images" else [float(s) for s in records.spacing],
+        "spacing_unit": "pixel" if raw.kind == "images" else "mm",
         "intensity": {
             "raw": _stats((s.image for s in raw.scans), d.low_percentile, d.high_percentile),
             "normalised": _stats(records.images, d.low_percentile, d.high_percentile),
@@ -148,6 +165,6 @@ def _fingerprint(cfg: Config, raw: RawSet, records: ImageSet, digest: str, signa
     if raw.kind.startswith("phantom"):
         first = raw.scans[0]
         fingerprint["phantom"] = {"num_scans": d.num_scans, "lesion_fraction": d.lesion_fraction,
-                                  "cohort_seed": d.cohort_seed, "native_shape": list(first.image.shape),
+                                  "cohort_seed": d.cohort_seed, "native_shape": list(first.image.shape[1:]),
                                   "native_spacing": list(first.spacing)}
     return fingerprint

@@ -50,6 +50,8 @@ COVARIANCE = "ledoit_wolf"  # per-class sets are often smaller than the feature 
 KID_SUBSETS, KID_SUBSET_SIZE = 50, 1000
 DIVERSITY_PAIRS = 200
 CLOSEST_PAIRS = 8
+NCC_CEILING_MARGIN = 1e-4
+"""A gate threshold within this of 1 cannot flag a sample (NCC <= 1): the gate is inconclusive."""
 COMPARISONS = {
     "reference": "real training half A vs real training half B (stratified split): the real-vs-real scale",
     "synthetic_matched": "real training half A vs a random synthetic subset of half B's size per class: "
@@ -94,6 +96,8 @@ def assess_quality(cfg: Config, layout: Layout, force: bool = False) -> dict[str
     figures.plot_ncc_histograms(hist_items, q.ncc_threshold, layout.quality / NCC_HISTOGRAM)
 
     passed = all(r["gate"]["passed"] for r in fold_reports)
+    verdict = "passed" if passed else "inconclusive" if all(
+        r["gate"]["passed"] or not r["gate"]["discriminates"] for r in fold_reports) else "failed"
     dropped_path = layout.quality / DROPPED_JSON
     if q.drop_memorised:
         write_json(dropped_path, {"config_digest": digest, "ncc_threshold": q.ncc_threshold,
@@ -106,10 +110,12 @@ def assess_quality(cfg: Config, layout: Layout, force: bool = False) -> dict[str
         "seed": cfg.seed,
         "task": task,
         "dims": real.dims,
+        "num_channels": real.num_channels,
         "class_names": class_names,
         "measured_on": "image channel only; segmentation masks travel with the samples but are not measured"
         if task == "segmentation" else "image",
         "privacy_passed": passed,
+        "privacy_verdict": verdict,
         "privacy_passed_after_drop": True if q.drop_memorised else passed,
         "gate": {"ncc_threshold": q.ncc_threshold, "reference_quantile": q.reference_quantile,
                  "effective_thresholds": {str(r["fold"]): r["gate"]["threshold"] for r in fold_reports},
@@ -226,16 +232,16 @@ def _assess_fold(cfg: Config, layout: Layout, real: ImageSet, class_names: list[
     if len(train) < 2:
         raise StageError(f"quality: fold {fold} has {len(train)} real training image(s); at least 2 are needed")
     synth = read_synthetic(layout, fold, cfg=cfg)
-    if synth.spatial_shape != real.spatial_shape:
-        raise StageError(f"quality: fold {fold} synthetic shape {synth.spatial_shape} differs from the prepared "
-                         f"data's {real.spatial_shape}; re-run `raysynth sample`")
+    if synth.record_shape != real.record_shape:
+        raise StageError(f"quality: fold {fold} synthetic shape {synth.record_shape} (channels first) differs from "
+                         f"the prepared data's {real.record_shape}; re-run `raysynth sample`")
     logger.info("quality: fold %d: %d real training, %d held-out, %d synthetic images", fold, len(train),
                 len(held), len(synth))
     # 2. The encoder, fitted on real training images only.
     if q.encoder == "trained":
         encoder: Encoder = train_encoder(train.images, train.labels, real.dims, q.feature_dim, q.encoder_epochs, seed)
     else:
-        encoder = random_encoder(real.dims, q.feature_dim, seed)
+        encoder = random_encoder(real.dims, q.feature_dim, seed, in_channels=real.num_channels)
     encoder.description["heldout_accuracy"] = encoder.accuracy(held.images, held.labels)
     f_train, f_held, f_synth = (encoder.features(s.images) for s in (train, held, synth))
     # 3. Fidelity and coverage, each with its real-vs-real reference, overall and per class.
@@ -266,6 +272,15 @@ def _assess_fold(cfg: Config, layout: Layout, real: ImageSet, class_names: list[
     reference_fraction = float(np.mean(ref_ncc > threshold)) if q.reference_quantile is not None and len(ref_ncc) else 0.0
     gate = privacy_gate(best_ncc, threshold, q.max_memorised_fraction, reference_fraction)
     gate["offending_ids"] = [synth.ids[i] for i in gate.pop("offending_indices")]
+    # An NCC cannot exceed 1: at a threshold of 1 the gate flags nothing whatever the generator does.
+    # That happens when held-out real images have copies in the training part (duplicates split
+    # across folds); such a gate is inconclusive, never "passed".
+    gate["discriminates"] = bool(threshold < 1.0 - NCC_CEILING_MARGIN)
+    if not gate["discriminates"]:
+        gate["passed"] = False
+        gate["why"] = (f"threshold {threshold:.4f}: held-out real images reach NCC 1 with training images "
+                       "(copies across the split?), so no near-copy can be flagged")
+        logger.warning("quality: fold %d: the privacy gate cannot discriminate (%s)", fold, gate["why"])
     order = np.argsort(-best_ncc, kind="stable")[:CLOSEST_PAIRS]
     closest = [{"synthetic_id": synth.ids[i], "real_id": train.ids[best_idx[i]], "ncc": float(best_ncc[i]),
                 "synthetic_label": _name(class_names, synth.labels[i]),
@@ -280,7 +295,7 @@ def _assess_fold(cfg: Config, layout: Layout, real: ImageSet, class_names: list[
                                captions=[f"{p['synthetic_label']} / {p['real_label']}" for p in closest])
     per_class_ncc = {n: _summary(best_ncc[synth.labels == c], threshold) for n, c in groups.items() if c is not None}
     logger.info("quality: fold %d: %d/%d samples above NCC %.3g; gate %s", fold, gate["count"], gate["total"],
-                threshold, "passed" if gate["passed"] else "FAILED")
+                threshold, "passed" if gate["passed"] else "FAILED" if gate["discriminates"] else "INCONCLUSIVE")
     report = {
         "fold": fold,
         "train_ids_source": source,

@@ -47,7 +47,7 @@ from raysynth.data.sources import source_signature
 from raysynth.design import conditions, generator_fractions
 from raysynth.io import write_json
 from raysynth.render.figures import encode_images as _encode
-from raysynth.render.figures import middle_slice
+from raysynth.render.figures import image_view, middle_slice
 from raysynth.render.report import THUMBNAILS, render_from_json
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,8 @@ def build_report(cfg: Config, layout: Layout) -> dict[str, Any]:
         "dims": cfg.data.dims,
         "primary_metric": cfg.study.primary_metric,
         "primary_test": aggregate.PRIMARY_TEST,
-        "data": {k: fingerprint[k] for k in ("class_names", "counts", "num_records", "num_subjects", "shape", "source")
+        "data": {k: fingerprint[k] for k in ("class_names", "counts", "num_records", "num_subjects", "shape", "source",
+                                             "duplicates")
                  if k in fingerprint},
         "folds": len(splits),
         "design": {"arms": cfg.study.arms, "conditions": [c for c in conds if any(r["condition"] == c for r in rows)],
@@ -177,12 +178,13 @@ def _samples(cfg: Config, layout: Layout, records, splits: list[dict], class_nam
     blank = np.full(records.images.shape[1:], -1.0, np.float32)
 
     def row(label: str, source, idx) -> dict:
+        # Thumbnails (THUMBNAILS, C', H, W): C' = 3 (RGB) for 3-channel records, else the first channel.
         idx = list(idx)[:THUMBNAILS]
-        images = np.stack([middle_slice(source.images[i]) for i in idx] +
-                          [middle_slice(blank)] * (THUMBNAILS - len(idx)))
+        images = np.stack([image_view(source.images[i]) for i in idx] +
+                          [image_view(blank)] * (THUMBNAILS - len(idx)))
         out = {"label": label, "images": _encode(images), "masks": None}
         if source.masks is not None:
-            zero = np.zeros(images.shape[1:], np.uint8)
+            zero = np.zeros(images.shape[2:], np.uint8)
             masks = np.stack([middle_slice(source.masks[i]) for i in idx] + [zero] * (THUMBNAILS - len(idx)))
             out["masks"] = _encode(masks, scale=False)
         return out
@@ -197,7 +199,7 @@ def _samples(cfg: Config, layout: Layout, records, splits: list[dict], class_nam
     full = generated.get(1.0)
     if cfg.data.dims == 3 and full is not None:
         vols = full.images[:6]
-        out["orthogonal"] = {"images": [_encode(np.stack([middle_slice(v, a) for v in vols])) for a in range(3)],
+        out["orthogonal"] = {"images": [_encode(np.stack([image_view(v, a) for v in vols])) for a in range(3)],
                              "masks": None if full.masks is None else
                              [_encode(np.stack([middle_slice(m, a) for m in full.masks[:6]]), scale=False) for a in range(3)]}
     return out

@@ -45,7 +45,7 @@ from raysynth.data.sources import source_signature
 from raysynth.downstream.robust_eval import corrupt_test_part, evaluate_split
 from raysynth.errors import StageError
 from raysynth.io import write_json, write_table
-from raysynth.render.figures import encode_images, middle_slice
+from raysynth.render.figures import encode_images, image_view
 from raysynth.runtime import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -151,9 +151,9 @@ def _examples(cfg: Config, records, splits: list[dict]) -> dict:
     fold = int(splits[0]["fold"])
     image = records.subset_ids(splits[0]["test"][:1]).images
     corrupted = corrupt_test_part(cfg, fold, image)
-    rows = {c: encode_images(np.stack([middle_slice(corrupted[(c, s)][0]) for s in sorted(cfg.robustness.severities)]))
+    rows = {c: encode_images(np.stack([image_view(corrupted[(c, s)][0]) for s in sorted(cfg.robustness.severities)]))
             for c in cfg.robustness.corruptions}
-    return {"fold": fold, "clean": encode_images(middle_slice(image[0])), "rows": rows}
+    return {"fold": fold, "clean": encode_images(image_view(image[0])), "rows": rows}
 
 
 def _external_examples(external, class_names: list[str], per_class: int = 4) -> dict:
@@ -161,7 +161,7 @@ def _external_examples(external, class_names: list[str], per_class: int = 4) -> 
     for c, name in enumerate(class_names):
         idx = np.flatnonzero(external.labels == c)[:per_class]
         if len(idx):
-            out[name] = encode_images(np.stack([middle_slice(external.images[i]) for i in idx]))
+            out[name] = encode_images(np.stack([image_view(external.images[i]) for i in idx]))
     return out
 
 

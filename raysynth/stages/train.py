@@ -178,6 +178,8 @@ def _fit_fold(cfg_dict: dict, root: str, job: dict, fingerprint: dict) -> None:
         "num_classes": int(fingerprint["num_classes"]),
         "class_names": fingerprint["class_names"],
         "num_mask_classes": _mask_classes(cfg, fingerprint),
+        "num_channels": int(fingerprint["shape"][0]),  # image channels (C of [C, *spatial]); masks come after
+        "channels": fingerprint.get("channels"),
         "dims": cfg.data.dims,
         "image_size": cfg.data.image_size,
         "spacing": fingerprint.get("spacing"),

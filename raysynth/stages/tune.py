@@ -182,7 +182,7 @@ def search(cfg: Config, layout: Layout, *, settings: Optional[dict] = None, forc
     # 2. The encoder, fitted once on the generator-training part, and the real-vs-real scale.
     q, enc_seed = cfg.quality, derive_seed(cfg.seed, s["fold"], _SEED_ENCODER)
     encoder = (train_encoder(gen.images, gen.labels, cfg.data.dims, q.feature_dim, q.encoder_epochs, enc_seed)
-               if q.encoder == "trained" else random_encoder(cfg.data.dims, q.feature_dim, enc_seed))
+               if q.encoder == "trained" else random_encoder(cfg.data.dims, q.feature_dim, enc_seed, in_channels=gen.num_channels))
     encoder.description["validation_accuracy"] = encoder.accuracy(val.images, val.labels)
     val_f = encoder.features(val.images)
     # The validation part's class proportions, so a good generator's FD is not inflated by a class
