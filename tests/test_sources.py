@@ -256,12 +256,26 @@ def test_a_missing_sequence_is_one_line_or_a_warned_skip(tmp_path, caplog):
     for i in range(4):
         _sequences(root, f"case{i}", ["t1", "flair"] if i != 2 else ["t1"], seed=i, seg=False)
     (root / "labels.csv").write_text("file,label\n" + "".join(f"case{i}_t1.nii.gz,{i % 2}\n" for i in range(4)))
-    with pytest.raises(InputError, match=r"^case2: no 'flair' sequence \(case2_flair\.nii\.gz\)") as info:
+    with pytest.raises(InputError, match=r"^case2 \(listed as case2_t1\.nii\.gz\): no 'flair' sequence \(case2_flair\.nii\.gz\)") as info:
         load_source(cfg(root, dims=3, channels=["t1", "flair"]))
     assert "\n" not in str(info.value)
     with caplog.at_level(logging.WARNING, logger="raysynth.data.sources"):
         raw = load_source(cfg(root, dims=3, channels=["t1", "flair"], bad_files="skip"))
-    assert len(raw.scans) == 3 and raw.skipped == ["case2_t1.nii.gz"] and "case2: no 'flair'" in caplog.text
+    assert len(raw.scans) == 3 and raw.skipped == ["case2_t1.nii.gz"] and "case2 (listed as case2_t1.nii.gz): no 'flair'" in caplog.text
+
+
+def test_a_labels_csv_listing_every_sequence_file_gives_one_scan_per_subject(tmp_path):
+    """brain-mri-3d lists each sequence file on its own row (and names IXI's T1 in capitals)."""
+    root = tmp_path / "brats"
+    for i in range(4):
+        _sequences(root, f"case{i}", ["T1", "flair"], seed=i, seg=False)
+    rows = "".join(f"case{i}_{s}.nii.gz,{i % 2}\n" for i in range(4) for s in ("T1", "flair"))
+    (root / "labels.csv").write_text("file,label\n" + rows)
+    raw = load_source(cfg(root, dims=3, channels=["t1", "flair"]))
+    assert len(raw.scans) == 4 and all(s.image.shape[0] == 2 for s in raw.scans)
+    (root / "labels.csv").write_text("file,label\n" + rows.replace("case1_flair.nii.gz,1", "case1_flair.nii.gz,0"))
+    with pytest.raises(InputError, match=r"case1_T1.nii.gz and case1_flair.nii.gz are sequences of one scan with different labels"):
+        load_source(cfg(root, dims=3, channels=["t1", "flair"]))
 
 
 def test_sequences_of_different_grids_are_refused(tmp_path):
