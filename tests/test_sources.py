@@ -286,3 +286,17 @@ def test_sequences_of_different_grids_are_refused(tmp_path):
     (root / "labels.csv").write_text("file,label\nc0_t1.nii.gz,0\nc1_t1.nii.gz,1\n")
     with pytest.raises(InputError, match="c1_t1.nii.gz: sequence 't2'.*share one grid"):
         load_source(cfg(root, dims=3, channels=["t1", "t2"]))
+
+
+def test_labels_csv_may_name_links_but_not_paths_outside_the_folder(tmp_path):
+    """A folder of links to scans kept elsewhere is read; a row that climbs out of it is refused."""
+    store, root = tmp_path / "store", tmp_path / "links"
+    root.mkdir()
+    for i in range(4):
+        volume(store / f"v{i}.nii.gz", (10, 12, 8), seed=i)
+        (root / f"v{i}.nii.gz").symlink_to(store / f"v{i}.nii.gz")
+    (root / "labels.csv").write_text("file,label\n" + "".join(f"v{i}.nii.gz,{i % 2}\n" for i in range(4)))
+    assert len(load_source(cfg(root, dims=3)).scans) == 4
+    (root / "labels.csv").write_text("file,label\n../store/v0.nii.gz,0\n" + "".join(f"v{i}.nii.gz,{i % 2}\n" for i in range(1, 4)))
+    with pytest.raises(InputError, match=r"file '../store/v0.nii.gz' lies outside"):
+        load_source(cfg(root, dims=3))

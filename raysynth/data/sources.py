@@ -191,7 +191,9 @@ def _csv_entries(root: Path, data_cfg) -> tuple[list[tuple[Path, int]], list[str
     rows = [r for r in rows if r.get("file")]
     if not rows:
         raise InputError(f"{table}: empty, no rows")
-    outside = [r["file"] for r in rows if not (root / r["file"]).resolve().is_relative_to(root.resolve())]
+    # Containment by name, not by link target: a folder of links to files kept elsewhere is fine.
+    top = Path(os.path.normpath(root.absolute()))
+    outside = [r["file"] for r in rows if not Path(os.path.normpath(top / r["file"])).is_relative_to(top)]
     if outside:
         raise InputError(f"{table}: file {outside[0]!r} lies outside {root}")
     absent = [r["file"] for r in rows if not (root / r["file"]).is_file()]
