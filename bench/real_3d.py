@@ -37,16 +37,10 @@ from raysynth.artifacts import Layout, read_json
 from raysynth.config import load_config
 from raysynth.errors import InputError
 from raysynth.pipeline import STAGES, run_stage
+from real_study import cpu  # bench/ is on sys.path when a bench script runs
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "brain-mri-3d"
 SEQUENCES = "[t1,t1c,t2,flair]"
-
-
-def cpu() -> str:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
-    return f"{os.cpu_count()} cores of {model} ({', '.join(f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f in flags)})"
 
 
 def attempt(name: str, source: Path, out: Path, overrides: list[str], stages=("prepare",)) -> dict:
@@ -99,7 +93,7 @@ def main() -> None:
     if not data.is_dir():
         raise SystemExit(f"real_3d: no data at {data}")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    print(f"machine: {cpu()}; date {time.strftime('%Y-%m-%d')}", flush=True)
+    print(f"machine: {os.cpu_count()} cores of {cpu()}; date {time.strftime('%Y-%m-%d')}", flush=True)
     glioma = glioma_folder(data, out / "glioma_links")
     seg = ["data.dims=3", "data.task=segmentation", f"data.channels={SEQUENCES}"]
     rows = [

@@ -33,7 +33,7 @@ from pathlib import Path
 from raysynth.config import load_config
 from raysynth.artifacts import Layout, read_json
 from raysynth.pipeline import STAGES, run_stage
-from raysynth.render.text import fmt
+from raysynth.render.text import fmt, num
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -118,15 +118,11 @@ def tables(report: dict) -> list[str]:
             for m in METRICS:
                 r = by_metric.get(m, {})
                 if "mean_diff" in r:
-                    d = {k: _signed(r.get(k)) for k in ("mean_diff", "nb_ci_low", "nb_ci_high", "boot_ci_low", "boot_ci_high")}
+                    d = {k: num(r.get(k), "+.3f") for k in ("mean_diff", "nb_ci_low", "nb_ci_high", "boot_ci_low", "boot_ci_high")}
                     lines.append(f"| {float(p):.0%} | {c} | {m} | {d['mean_diff']} | [{d['nb_ci_low']}, {d['nb_ci_high']}] | "
                                  f"[{d['boot_ci_low']}, {d['boot_ci_high']}] | {fmt(r.get('nb_p'))} ({fmt(r.get('nb_p_holm'))}) | "
                                  f"{fmt(r.get('t_p'))} | {fmt(r.get('wilcoxon_p'))} |")
     return lines
-
-
-def _signed(x) -> str:
-    return "n/a" if x is None or x != x else f"{x:+.3f}"
 
 
 def section(report: dict, timings: dict, cfg, out: str) -> str:
