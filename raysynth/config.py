@@ -28,8 +28,14 @@ __all__ = [
     "load_config", "apply_override", "from_dict", "section_from_dict",
 ]
 
-OPT_IN_FIELDS = ("diffusion.cpu_bf16", "sampling.cpu_bf16")
-"""Boolean settings added after artifacts existed: they enter a digest only when set."""
+OPT_IN_FIELDS: dict[str, Any] = {
+    "diffusion.cpu_bf16": False, "sampling.cpu_bf16": False,
+    "diffusion.prediction_type": "epsilon", "diffusion.zero_terminal_snr": False, "diffusion.snr_gamma": None,
+    "diffusion.class_dropout": 0.0, "diffusion.flow_timesteps": "logit_normal", "sampling.guidance_scale": 1.0,
+    "tune.flow_sampler": "euler",
+}
+"""Settings added after artifacts existed, with their defaults: a field enters a digest only when it
+differs from its default, so artifacts made before it existed stay current."""
 
 
 class ConfigError(ValueError):
@@ -38,7 +44,9 @@ class ConfigError(ValueError):
 
 Dims = Literal[2, 3]
 Task = Literal["classification", "segmentation"]
-Process = Literal["ddpm", "gamma"]
+Process = Literal["ddpm", "gamma", "flow"]
+Prediction = Literal["epsilon", "v_prediction", "sample"]
+FlowTimesteps = Literal["logit_normal", "uniform"]
 Sampler = Literal["ddpm", "ddim", "dpmsolver++", "euler", "heun"]
 Denoise = Literal["none", "gaussian", "median"]
 BadFilePolicy = Literal["error", "skip"]
@@ -47,7 +55,8 @@ Encoder = Literal["trained", "random"]
 ClassBalance = Literal["balanced", "proportional"]
 CorruptionName = Literal["noise", "bias", "ghosting", "spike", "gibbs", "blur", "contrast"]
 
-SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddpm", "ddim", "dpmsolver++"), "gamma": ("euler", "heun")}
+SAMPLERS: dict[str, tuple[str, ...]] = {
+    "ddpm": ("ddpm", "ddim", "dpmsolver++"), "gamma": ("euler", "heun"), "flow": ("euler", "heun")}
 """The samplers that fit each noise process (``raysynth.diffusion.process``)."""
 
 
@@ -226,6 +235,20 @@ class DiffusionConfig(_Model):
     """Diffusion constant of the paper's process X_t = X + sqrt(2*gamma*t)*eps (sigma_max = sqrt(2*gamma))."""
     sigma_min: _Float = Field(0.002, gt=0)
     """Gamma process: the smallest non-zero noise level sampled; must lie below sigma_max."""
+    prediction_type: Prediction = "epsilon"
+    """DDPM only: what the network predicts, the noise (Ho et al.), v = sqrt(abar) eps - sqrt(1-abar) x0
+    (Salimans & Ho 2022) or x0 itself. (The gamma process predicts EDM's preconditioned target and
+    the flow process the velocity eps - x0.)"""
+    zero_terminal_snr: bool = False
+    """DDPM only: rescale the betas so that the last step is pure noise (SNR 0), with trailing
+    timestep spacing (Lin et al. 2024). Needs prediction_type v_prediction or sample."""
+    snr_gamma: Optional[_Float] = Field(None, gt=0)
+    """DDPM only: Min-SNR-gamma loss weighting (Hang et al. 2023; 5 in the paper); None: off."""
+    flow_timesteps: FlowTimesteps = "logit_normal"
+    """Flow process: training times t ~ sigmoid(N(0, 1)) (SD3's logit-normal) or U(0, 1)."""
+    class_dropout: _Float = Field(0.0, ge=0, lt=1)
+    """Probability that a training label is replaced by a null class, which classifier-free
+    guidance (sampling.guidance_scale) needs; 0: no null class."""
     channels: _list(int) = Field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = Field(1, ge=1)
     attention: bool = False
@@ -266,6 +289,9 @@ class DiffusionConfig(_Model):
     def _schedule(self) -> "DiffusionConfig":
         if not self.beta_start < self.beta_end:
             raise _Rule("beta_start/beta_end", f"need 0 < start < end < 1, got {self.beta_start}, {self.beta_end}")
+        if self.process == "ddpm" and self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise _Rule("zero_terminal_snr", "needs prediction_type v_prediction or sample: at zero SNR the "
+                        "noise prediction carries no information about x0 (Lin et al. 2024, Sec. 3.2)")
         if self.process == "gamma" and not self.sigma_min < math.sqrt(2.0 * self.gamma):
             raise _Rule("sigma_min", f"{self.sigma_min} must be below sigma_max = sqrt(2 * gamma) = "
                         f"{math.sqrt(2.0 * self.gamma):.4g} (gamma={self.gamma})")
@@ -289,6 +315,9 @@ class SamplingConfig(_Model):
     cpus_per_actor: int = Field(1, ge=1)
     gpus_per_actor: _Float = Field(0.0, ge=0)
     seed: int = 1234
+    guidance_scale: _Float = Field(1.0, ge=0)
+    """Classifier-free guidance: eps_uncond + w (eps_cond - eps_uncond). 1: the conditional model alone
+    (no extra cost); 0: unconditional; above 1 needs a generator trained with diffusion.class_dropout > 0."""
     write_nifti: bool = True
     """3D only: also write one .nii.gz per sample (2D writes Parquet only)."""
     cpu_bf16: bool = False
@@ -458,6 +487,7 @@ class TuningConfig(_Model):
     eval_steps: int = Field(10, ge=1)
     ddpm_sampler: Literal["ddpm", "ddim", "dpmsolver++"] = "ddim"
     gamma_sampler: Literal["euler", "heun"] = "heun"
+    flow_sampler: Literal["euler", "heun"] = "euler"
     gamma_min: _Float = Field(2.0, gt=0)
     """sigma_max = sqrt(2 gamma) from 2 ..."""
     gamma_max: _Float = 2000.0
@@ -521,6 +551,9 @@ class Config(_Model):
         if s.sampler not in valid_samplers:
             raise _Rule("sampling.sampler", f"{s.sampler!r} does not fit diffusion.process={df.process!r}; "
                         f"choose one of {list(valid_samplers)}")
+        if s.guidance_scale != 1.0 and df.class_dropout == 0:
+            raise _Rule("sampling.guidance_scale", f"{s.guidance_scale} needs a generator that knows the null "
+                        "class: set diffusion.class_dropout > 0 (0.1-0.2 is usual), or guidance_scale=1")
         if df.process == "ddpm" and s.steps > df.num_train_timesteps:
             raise _Rule("sampling.steps", f"{s.steps} exceeds diffusion.num_train_timesteps ({df.num_train_timesteps})")
         if "ddpm" in tn.processes and tn.eval_steps > df.num_train_timesteps:
@@ -548,9 +581,9 @@ class Config(_Model):
         digest it had before they existed (its artifacts stay up to date), one that sets them
         gets a new digest."""
         plain = {s: _to_plain(getattr(self, s)) for s in sections}
-        for dotted in OPT_IN_FIELDS:
+        for dotted, default in OPT_IN_FIELDS.items():
             section, name = dotted.split(".")
-            if isinstance(plain.get(section), dict) and not plain[section].get(name, True):
+            if isinstance(plain.get(section), dict) and name in plain[section] and plain[section][name] == default:
                 del plain[section][name]
         blob = json.dumps(plain, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

@@ -94,7 +94,8 @@ def test_forward_shape_int_and_float_timesteps(dims, channels, in_channels, num_
 def test_config_holds_every_constructor_argument(dims, channels, in_channels, num_classes, attention, ckpt):
     model = Denoiser(dims, in_channels, 16, num_classes, tuple(channels), 1, attention, ckpt)  # all positional
     expected = {"dims": dims, "in_channels": in_channels, "image_size": 16, "num_classes": num_classes,
-                "channels": channels, "layers_per_block": 1, "attention": attention, "gradient_checkpointing": ckpt}
+                "channels": channels, "layers_per_block": 1, "attention": attention, "gradient_checkpointing": ckpt,
+                "null_class": False}
     assert set(expected) == _init_arguments()
     assert dict(model.config) == expected  # JSON-plain values (a list, not the tuple passed), nothing else
     # from_config rebuilds the same architecture (diffusers' _use_default_values would drop positional args).

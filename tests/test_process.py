@@ -9,9 +9,10 @@ import torch
 
 from raysynth.config import DiffusionConfig
 from raysynth.diffusion.networks import build_denoiser
-from raysynth.diffusion.process import DDPMProcess, GammaProcess, build_process
+from raysynth.diffusion.process import PROCESSES, DDPMProcess, GammaProcess, build_process
 
-SAMPLER_CASES = [("ddpm", "ddpm"), ("ddpm", "ddim"), ("ddpm", "dpmsolver++"), ("gamma", "euler"), ("gamma", "heun")]
+SAMPLER_CASES = [("ddpm", "ddpm"), ("ddpm", "ddim"), ("ddpm", "dpmsolver++"), ("gamma", "euler"), ("gamma", "heun"),
+                 ("flow", "euler"), ("flow", "heun")]
 
 
 def _setup(process: str, dims: int = 2, in_channels: int = 1, seed: int = 0):
@@ -42,13 +43,14 @@ class PerSample(torch.nn.Module):
         return torch.cat([self.model(x[i : i + 1], t[i : i + 1], y[i : i + 1]) for i in range(len(x))])
 
 
-@pytest.mark.parametrize("process", ["ddpm", "gamma"])
+@pytest.mark.parametrize("process", ["ddpm", "gamma", "flow"])
 def test_build_process_kind(process):
     cfg = DiffusionConfig(process=process)
-    assert isinstance(build_process(cfg), DDPMProcess if process == "ddpm" else GammaProcess)
+    assert isinstance(build_process(cfg), PROCESSES[process]) and build_process(cfg).name == process
+    assert PROCESSES["ddpm"] is DDPMProcess and PROCESSES["gamma"] is GammaProcess
 
 
-@pytest.mark.parametrize("process", ["ddpm", "gamma"])
+@pytest.mark.parametrize("process", ["ddpm", "gamma", "flow"])
 def test_training_loss_is_finite_scalar_with_gradients(process):
     _, proc, model = _setup(process)
     x0, y = _batch()
@@ -63,7 +65,7 @@ def test_training_loss_is_finite_scalar_with_gradients(process):
     assert torch.equal(loss.detach(), again.detach())
 
 
-@pytest.mark.parametrize("process", ["ddpm", "gamma"])
+@pytest.mark.parametrize("process", ["ddpm", "gamma", "flow"])
 def test_training_reduces_loss_on_a_fixed_batch(process):
     _, proc, model = _setup(process)
     x0, y = _batch()
@@ -121,7 +123,8 @@ def test_sample_depends_only_on_its_own_seed(process, sampler):
 
 
 @pytest.mark.parametrize("process,sampler,steps,first", [("ddpm", "ddim", 5, 999), ("ddpm", "ddpm", 10, 999),
-                                                         ("ddpm", "dpmsolver++", 5, 999), ("gamma", "euler", 5, 1.0)])
+                                                         ("ddpm", "dpmsolver++", 5, 999), ("gamma", "euler", 5, 1.0),
+                                                         ("flow", "euler", 5, 1000.0)])
 def test_make_scheduler_sets_timesteps(process, sampler, steps, first):
     _, proc, _ = _setup(process)
     sch = proc.make_scheduler(sampler, steps)
@@ -129,7 +132,7 @@ def test_make_scheduler_sets_timesteps(process, sampler, steps, first):
     assert float(sch.timesteps[0]) == pytest.approx(first)
 
 
-@pytest.mark.parametrize("process", ["ddpm", "gamma"])
+@pytest.mark.parametrize("process", ["ddpm", "gamma", "flow"])
 def test_describe_is_json(process):
     _, proc, _ = _setup(process)
     info = json.loads(json.dumps(proc.describe()))
@@ -142,7 +145,7 @@ def test_ddpm_needs_no_data_scale_check():
 
 
 def test_unknown_process_lists_valid_ones():
-    with pytest.raises(ValueError, match=r"'vp' is not valid; choose one of \['ddpm', 'gamma'\]"):
+    with pytest.raises(ValueError, match=r"'vp' is not valid; choose one of \['ddpm', 'gamma', 'flow'\]"):
         build_process(DiffusionConfig(process="vp"))
 
 
@@ -177,7 +180,7 @@ def test_gamma_training_noise_option_is_validated():
         GammaProcess(DiffusionConfig(process="gamma"), training_noise="beta")
 
 
-@pytest.mark.parametrize("process,sampler", [("ddpm", "dpmsolver++"), ("gamma", "heun")])
+@pytest.mark.parametrize("process,sampler", [("ddpm", "dpmsolver++"), ("gamma", "heun"), ("flow", "heun")])
 def test_bf16_autocast_training_and_sampling(process, sampler):
     _, proc, model = _setup(process)
     x0, y = _batch(4)

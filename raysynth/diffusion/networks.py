@@ -18,7 +18,7 @@ import logging
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from diffusers import UNet2DModel
@@ -104,6 +104,10 @@ class Denoiser(ModelMixin, ConfigMixin):
     resolution when ``attention`` is set. MONAI's 3D middle block always has self-attention (it cannot
     be turned off in 1.6); ``attention`` adds it to the lowest level's down/up blocks as well.
 
+    ``null_class`` adds one class embedding past the real ones, ``null_label = num_classes``, that
+    stands for "no label": classifier-free guidance trains on it (``diffusion.class_dropout``) and
+    samples with it. Checkpoints saved before it existed load without one.
+
     ``gradient_checkpointing`` does not change the weights (same state-dict keys); it is in the config
     like every other argument, and ``enable_gradient_checkpointing``/``disable_gradient_checkpointing``
     switch it (and the config) afterwards.
@@ -122,6 +126,7 @@ class Denoiser(ModelMixin, ConfigMixin):
         layers_per_block: int = 1,
         attention: bool = False,
         gradient_checkpointing: bool = False,
+        null_class: bool = False,
     ) -> None:
         super().__init__()
         channels = _validate(dims, in_channels, image_size, num_classes, channels, layers_per_block)
@@ -134,6 +139,7 @@ class Denoiser(ModelMixin, ConfigMixin):
             "layers_per_block": int(layers_per_block),
             "attention": bool(attention),
             "gradient_checkpointing": bool(gradient_checkpointing),
+            "null_class": bool(null_class),
         }
         # register_to_config stored the arguments as passed (a tuple, numpy ints) plus diffusers'
         # ``_use_default_values``, which lists positional arguments too and would make
@@ -143,6 +149,8 @@ class Denoiser(ModelMixin, ConfigMixin):
         self._dims = normalised["dims"]
         self._in_channels = normalised["in_channels"]
         self._divisor = 2 ** (len(channels) - 1)
+        self.null_label: Optional[int] = int(num_classes) if null_class else None
+        embeddings = int(num_classes) + (1 if null_class else 0)
 
         groups = norm_groups(channels)
         levels = len(channels)
@@ -163,7 +171,7 @@ class Denoiser(ModelMixin, ConfigMixin):
                 norm_num_groups=groups,
                 attention_head_dim=_head_dim(channels[-1]),
                 add_attention=attention,
-                num_class_embeds=num_classes,
+                num_class_embeds=embeddings,
             )
         else:
             from monai.networks.nets.diffusion_model_unet import DiffusionModelUNet
@@ -177,7 +185,7 @@ class Denoiser(ModelMixin, ConfigMixin):
                 attention_levels=tuple(attention and i == levels - 1 for i in range(levels)),
                 norm_num_groups=groups,
                 num_head_channels=tuple(_head_dim(c) for c in channels),
-                num_class_embeds=num_classes,
+                num_class_embeds=embeddings,
                 # PyTorch's scaled_dot_product_attention: memory-efficient on GPU, also runs on CPU.
                 use_flash_attention=True,
             )
@@ -323,6 +331,7 @@ def build_denoiser(cfg: DiffusionConfig, *, dims: int, in_channels: int, image_s
         layers_per_block=cfg.layers_per_block,
         attention=cfg.attention,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        null_class=cfg.class_dropout > 0,
     )
 
 

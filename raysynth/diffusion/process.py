@@ -1,9 +1,15 @@
-"""Noise processes behind one interface: Ho et al.'s DDPM and the paper's gamma (variance-exploding) process.
+"""Noise processes behind one interface: Ho et al.'s DDPM, the paper's gamma (variance-exploding)
+process, and rectified flow (flow matching).
 
 A process owns everything that depends on the noise: how training corrupts data and scores the
 network (``training_loss``), which samplers exist and how they are set up (``make_scheduler``), and
 the sampling loop (``sample``). The network is any ``model(x, t, class_labels)``, e.g.
 :class:`raysynth.diffusion.networks.Denoiser`.
+
+Classifier-free guidance (Ho & Salimans 2022) is the processes' shared sampling loop's: a network
+built with a null class (``Denoiser.null_label``) is evaluated on the label and on the null class, and
+``uncond + w * (cond - uncond)`` steps the scheduler. Every process's network output is affine in
+the denoised estimate given x_t, so guiding the output guides the estimate the same way.
 
 Determinism: ``sample`` draws each sample's initial noise and every later noise with that sample's
 own generator, so a sample depends only on its seed, never on its batch neighbours.
@@ -11,6 +17,7 @@ own generator, so a sample depends only on its seed, never on its batch neighbou
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from abc import ABC, abstractmethod
@@ -18,11 +25,15 @@ from typing import Any, Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
+                       FlowMatchHeunDiscreteScheduler)
+from diffusers.training_utils import compute_snr
 from diffusers.utils.torch_utils import randn_tensor
 
 from raysynth.config import DiffusionConfig
 from raysynth.diffusion.gamma import GammaVEScheduler, check_data_scale
+
+log = logging.getLogger(__name__)
 
 Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int], None]
@@ -80,10 +91,13 @@ class DiffusionProcess(ABC):
         steps: int,
         generators: list[torch.Generator],
         progress: Optional[Progress] = None,
+        guidance_scale: float = 1.0,
     ) -> torch.Tensor:
         """Draw (B, *shape) samples clipped to [-1, 1]; shape is (C, *S), generators one per sample.
 
-        The model runs on its own device, as float32 unless the caller wraps this in autocast.
+        ``guidance_scale`` w: classifier-free guidance, 1 the conditional network alone, 0 the
+        unconditional one; any value but 1 needs a network with a null class. The model runs on its
+        own device, as float32 unless the caller wraps this in autocast.
         """
         batch = int(class_labels.shape[0]) if class_labels.ndim == 1 else -1
         if batch < 1 or len(generators) != batch:
@@ -96,14 +110,15 @@ class DiffusionProcess(ABC):
         device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else class_labels.device
         scheduler = self.make_scheduler(sampler, steps, device=device)
         class_labels = class_labels.to(device=device, dtype=torch.long)
+        guided = _guidance(model, class_labels, float(guidance_scale))
         # 1. x_T ~ N(0, init_noise_sigma^2 I), one generator per sample (randn_tensor draws row by row).
         x = randn_tensor((batch, *shape), generator=generators, device=device, dtype=torch.float32)
-        x = x * scheduler.init_noise_sigma
+        x = x * getattr(scheduler, "init_noise_sigma", 1.0)  # flow schedulers start at N(0, I) and have none
         total = len(scheduler.timesteps)
         for done, t in enumerate(scheduler.timesteps, start=1):
             # 2. Network output at this level, then the scheduler's update (noise from the same generators).
-            model_input = scheduler.scale_model_input(x, t)
-            output = model(model_input, self.network_timestep(scheduler, t).to(device).expand(batch), class_labels)
+            model_input = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+            output = guided(model_input, self.network_timestep(scheduler, t).to(device).expand(batch))
             x = scheduler.step(output, t, x, generator=generators).prev_sample
             if progress is not None:
                 progress(done, total)
@@ -115,12 +130,20 @@ class DiffusionProcess(ABC):
 
 
 class DDPMProcess(DiffusionProcess):
-    """Ho et al. 2020: epsilon prediction on a linear beta schedule, MSE on the noise."""
+    """Ho et al. 2020 on a linear beta schedule, predicting the noise, v or x0 (``prediction_type``).
+
+    Options: ``zero_terminal_snr`` rescales the betas so that the last step is pure noise (Lin et
+    al. 2024, Alg. 1, diffusers' ``rescale_betas_zero_snr``); ``snr_gamma`` weights the loss with
+    Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v, and
+    min(SNR, gamma) for x0, which all equal min(SNR, gamma) on the x0 error.
+    """
 
     name = "ddpm"
     samplers = ("ddpm", "ddim", "dpmsolver++")
 
     def __init__(self, cfg: DiffusionConfig) -> None:
+        self.prediction_type = cfg.prediction_type
+        self.snr_gamma = cfg.snr_gamma
         # "trailing" spacing starts every sampler at t = T - 1, where x_T really is pure noise
         # (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps Are Flawed", Sec. 3.3).
         self.train_scheduler = DDPMScheduler(
@@ -128,10 +151,11 @@ class DDPMProcess(DiffusionProcess):
             beta_start=cfg.beta_start,
             beta_end=cfg.beta_end,
             beta_schedule="linear",
-            prediction_type="epsilon",
+            prediction_type=cfg.prediction_type,
             clip_sample=True,
             clip_sample_range=1.0,
             timestep_spacing="trailing",
+            rescale_betas_zero_snr=cfg.zero_terminal_snr,
         )
 
     @property
@@ -149,9 +173,28 @@ class DDPMProcess(DiffusionProcess):
         t = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator, device=gen_device)
         t = t.to(x0.device)
         noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        # 2. Corrupt (eq. 4) and predict the noise; 3. L_simple = ||eps - eps_theta(x_t, t)||^2 (eq. 14).
-        eps_hat = model(self.q_sample(x0, noise, t), t, class_labels)
-        return F.mse_loss(eps_hat.float(), noise.float())
+        # 2. Corrupt (eq. 4) and predict the target; 3. L_simple = ||target - net(x_t, t)||^2 (eq. 14).
+        out = model(self.q_sample(x0, noise, t), t, class_labels)
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = self.train_scheduler.get_velocity(x0, noise, t)
+        else:
+            target = x0
+        if self.snr_gamma is None:
+            return F.mse_loss(out.float(), target.float())
+        per_sample = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)
+        return (per_sample * self.min_snr_weights(t)).mean()
+
+    def min_snr_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) Min-SNR-gamma weights for the prediction target (Hang et al. 2023, eq. 10 and Sec. 3.4)."""
+        snr = compute_snr(self.train_scheduler, t)
+        clipped = torch.clamp(snr, max=self.snr_gamma)
+        if self.prediction_type == "epsilon":
+            return clipped / snr  # SNR > 0 here: a zero-terminal-SNR schedule needs v or x0 (config rule)
+        if self.prediction_type == "v_prediction":
+            return clipped / (snr + 1.0)
+        return clipped
 
     def _check_steps(self, steps: int) -> None:
         super()._check_steps(steps)
@@ -181,8 +224,10 @@ class DDPMProcess(DiffusionProcess):
         return {
             "process": self.name,
             "reference": "Ho et al. 2020, Denoising Diffusion Probabilistic Models",
-            "prediction": "epsilon",
+            "prediction": self.prediction_type,
             "beta_schedule": "linear",
+            "zero_terminal_snr": bool(c.rescale_betas_zero_snr),
+            "snr_gamma": self.snr_gamma,
             "beta_start": c.beta_start,
             "beta_end": c.beta_end,
             "num_train_timesteps": c.num_train_timesteps,
@@ -285,14 +330,94 @@ class GammaProcess(DiffusionProcess):
         }
 
 
-PROCESSES: dict[str, type[DiffusionProcess]] = {"ddpm": DDPMProcess, "gamma": GammaProcess}
+class FlowProcess(DiffusionProcess):
+    """Rectified flow (Liu et al. 2023; flow matching, Lipman et al. 2023) with diffusers' flow schedulers.
+
+    x_s = (1 - s) x0 + s eps for s in [0, 1]; the network predicts the velocity v = eps - x0 and is
+    conditioned on s * num_train_timesteps, the timestep diffusers' ``FlowMatch*`` schedulers pass.
+    Sampling integrates dx/ds = v from s = 1 (noise) to 0 with Euler (one evaluation per step) or
+    Heun (two per step, but the last). Training times (``flow_timesteps``): s = sigmoid(z),
+    z ~ N(0, 1) (Esser et al. 2024, SD3's logit-normal, which favours the middle where the velocity
+    is hardest to predict), or s ~ U(0, 1) as in Liu et al.
+    """
+
+    name = "flow"
+    samplers = ("euler", "heun")
+
+    def __init__(self, cfg: DiffusionConfig) -> None:
+        self.num_train_timesteps = int(cfg.num_train_timesteps)
+        self.timesteps = cfg.flow_timesteps
+        self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=1.0)
+
+    def sample_training_s(self, batch: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+        """(B,) flow times s in (0, 1) drawn per ``flow_timesteps``."""
+        gen_device = generator.device if generator is not None else device
+        if self.timesteps == "uniform":
+            s = torch.rand(batch, generator=generator, device=gen_device)
+        else:
+            s = torch.sigmoid(torch.randn(batch, generator=generator, device=gen_device))
+        return s.to(device)
+
+    def training_loss(self, model, x0, class_labels, generator=None):
+        # 1. s per sample, eps ~ N(0, I); 2. x_s on the straight line; 3. ||v - v_theta(x_s, s)||^2.
+        s = self.sample_training_s(x0.shape[0], generator, x0.device)
+        noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        s_ = s.reshape(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        x_s = (1.0 - s_) * x0 + s_ * noise
+        out = model(x_s, s * self.num_train_timesteps, class_labels)
+        return F.mse_loss(out.float(), (noise - x0).float())
+
+    def _new_scheduler(self, sampler: str) -> Any:
+        cls = FlowMatchEulerDiscreteScheduler if sampler == "euler" else FlowMatchHeunDiscreteScheduler
+        return cls(num_train_timesteps=self.num_train_timesteps, shift=1.0)
+
+    def network_timestep(self, scheduler, timestep):
+        return timestep.to(torch.float32)  # s * num_train_timesteps, as in training
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "process": self.name,
+            "reference": "Liu et al. 2023, Flow Straight and Fast (rectified flow); diffusers FlowMatch schedulers",
+            "prediction": "velocity eps - x0",
+            "training_timesteps": self.timesteps,
+            "num_train_timesteps": self.num_train_timesteps,
+            "samplers": list(self.samplers),
+        }
+
+
+PROCESSES: dict[str, type[DiffusionProcess]] = {"ddpm": DDPMProcess, "gamma": GammaProcess, "flow": FlowProcess}
 
 
 def build_process(cfg: DiffusionConfig) -> DiffusionProcess:
     """The noise process ``cfg.process`` names, configured from ``cfg``."""
     if cfg.process not in PROCESSES:
         raise ValueError(f"diffusion.process: {cfg.process!r} is not valid; choose one of {list(PROCESSES)}")
+    if cfg.process != "ddpm":
+        ddpm_only = {"prediction_type": "epsilon", "zero_terminal_snr": False, "snr_gamma": None}
+        ignored = [k for k, default in ddpm_only.items() if getattr(cfg, k) != default]
+        if ignored:
+            log.warning("diffusion.%s applies to the ddpm process only; the %s process ignores it",
+                        "/".join(ignored), cfg.process)
     return PROCESSES[cfg.process](cfg)
+
+
+def _guidance(model: Model, labels: torch.Tensor, scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``f(x, t)``: the network on ``labels``, guided by its null class when ``scale`` is not 1."""
+    if scale == 1.0:
+        return lambda x, t: model(x, t, labels)
+    null = getattr(model, "null_label", None)
+    if null is None:
+        raise ValueError(f"sampling.guidance_scale={scale:g} needs a generator trained with a null class "
+                         "(diffusion.class_dropout > 0); this one has none")
+    unconditional = torch.full_like(labels, int(null))
+    if scale == 0.0:
+        return lambda x, t: model(x, t, unconditional)
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, unconditional])).chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    return guided
 
 
 def _normal_cdf(z: float) -> float:

@@ -100,7 +100,8 @@ class ShardSampler:
             gens = [torch.Generator(device=self.device).manual_seed(sample_seed(s.seed, self.fold, label, j)) for j in chunk]
             labels = torch.full((len(chunk),), label, dtype=torch.long, device=self.device)
             with torch.autocast(device_type=self.device, dtype=torch.bfloat16, enabled=self.bf16):
-                x = self.process.sample(self.model, labels, shape, s.sampler, s.steps, gens)
+                x = self.process.sample(self.model, labels, shape, s.sampler, s.steps, gens,
+                                        guidance_scale=s.guidance_scale)
             img, msk = decode_joint(x.float().cpu(), n_mask, n_image)
             images.append(img.numpy())
             if msk is not None:

@@ -29,6 +29,13 @@ def training_tensors(data: ImageSet, num_mask_classes: int) -> tuple[torch.Tenso
     return x0, labels
 
 
+def drop_labels(labels: torch.Tensor, p: float, null_label: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``labels`` with each one replaced by ``null_label`` with probability ``p`` (Ho & Salimans 2022)."""
+    gen_device = generator.device if generator is not None else labels.device
+    drop = torch.rand(labels.shape, generator=generator, device=gen_device).to(labels.device) < p
+    return torch.where(drop, torch.full_like(labels, null_label), labels)
+
+
 class GeneratorFit:
     """Model, EMA weights, AdamW and the noise process of one generator."""
 
@@ -53,7 +60,11 @@ class GeneratorFit:
         return self.trained.module if hasattr(self.trained, "module") else self.trained
 
     def step(self, x0: torch.Tensor, labels: torch.Tensor, generator: Optional[torch.Generator] = None) -> float:
-        """One optimiser step on a batch ``x0 (B, C, *S)``; returns the loss. bf16 autocast per ``self.bf16``."""
+        """One optimiser step on a batch ``x0 (B, C, *S)``; returns the loss. bf16 autocast per ``self.bf16``.
+
+        With ``class_dropout`` p > 0 each label is replaced by the null class with probability p."""
+        if self.cfg.class_dropout > 0:
+            labels = drop_labels(labels, self.cfg.class_dropout, self.raw_model.null_label, generator)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss = self.process.training_loss(self.trained, x0, labels, generator=generator)
         self.optimizer.zero_grad(set_to_none=True)

@@ -48,7 +48,7 @@ from raysynth.runtime import derive_seed, ensure_ray
 log = logging.getLogger(__name__)
 
 TUNE_VERSION = 1
-FALLBACK_SAMPLER = {"ddpm": "ddim", "gamma": "heun"}
+FALLBACK_SAMPLER = {"ddpm": "ddim", "gamma": "heun", "flow": "euler"}
 _SEED_SPLIT, _SEED_ENCODER, _SEED_SEARCH = 101, 105, 106  # 102-104: diffusion.tune_trial
 SEARCHED = ("process", "gamma", "learning_rate")  # diffusion fields the trials set
 
