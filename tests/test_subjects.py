@@ -73,6 +73,17 @@ def test_conflicting_labels_error_under_group_and_drop_the_group_under_drop(tmp_
     assert kept is raw
 
 
+def test_mixed_lesion_labels_are_grouped_for_segmentation(tmp_path):
+    """A segmentation label is derived from the mask, so near-identical neighbour slices may differ in
+    it: grouped into one subject, not refused (found on brain-mri-seg2d: TCGA_CS_4941 slices 16 and 19)."""
+    raw = _folder(tmp_path / "d", conflict=True)
+    grouped, summary = group_duplicates(raw, "group", 0.97, labels_from_masks=True)
+    assert _subject(grouped, "a/a1.png") == _subject(grouped, "b/refiled.png")
+    assert summary["num_conflicting_groups"] == 0 and summary["num_mixed_lesion_groups"] == 1
+    dropped, _ = group_duplicates(raw, "drop", 0.97, labels_from_masks=True)
+    assert len([s for s in dropped.scans if s.source in ("a/a1.png", "b/refiled.png")]) == 1
+
+
 def test_distinct_pictures_are_not_grouped(tmp_path):
     root = tmp_path / "d"
     for i in range(4):

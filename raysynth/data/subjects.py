@@ -14,6 +14,10 @@ every duplicate group part of one subject:
 Under ``group`` a group whose images carry different labels (one picture filed under two classes)
 is an error that names two of its files: no policy can tell which label is right. ``drop`` drops
 such a group whole and ``keep`` keeps it, each with a warning that names two of its files.
+
+For segmentation (``labels_from_masks``) the label is derived from the mask (lesion or not), so a
+group may rightly mix them: adjacent slices of one patient, one just past a lesion's edge, can be
+near-identical. Such groups are grouped (or thinned) like any other; the masks travel with images.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from raysynth.errors import InputError
 logger = logging.getLogger(__name__)
 
 
-def group_duplicates(raw: RawSet, policy: str, threshold: float) -> tuple[RawSet, dict[str, Any]]:
+def group_duplicates(raw: RawSet, policy: str, threshold: float, *,
+                     labels_from_masks: bool = False) -> tuple[RawSet, dict[str, Any]]:
     """Find exact and near-duplicate scans and apply ``policy``. Returns the new set and what the
     fingerprint records (method, threshold, groups found, images in them, what was done)."""
     if policy not in ("group", "drop", "keep"):
@@ -41,8 +46,11 @@ def group_duplicates(raw: RawSet, policy: str, threshold: float) -> tuple[RawSet
         "num_groups": found.num_groups, "num_grouped_images": found.num_grouped_images,
         "num_exact": found.num_exact, "num_dropped": 0, "num_conflicting_groups": 0,
     }
-    conflicting = [g for g in found.groups if len({raw.scans[i].label for i in g}) > 1]
+    mixed = [g for g in found.groups if len({raw.scans[i].label for i in g}) > 1]
+    conflicting = [] if labels_from_masks else mixed
     summary["num_conflicting_groups"] = len(conflicting)
+    if labels_from_masks:
+        summary["num_mixed_lesion_groups"] = len(mixed)
     if conflicting and policy == "group":
         a, b = _two_labels(raw, conflicting[0])
         raise InputError(f"duplicate images with different labels: {a} and {b} (set data.duplicates=drop to "

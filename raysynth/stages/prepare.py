@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 import raysynth
-from raysynth.artifacts import Layout, fraction_key, prepared_digest, read_json
+from raysynth.artifacts import Layout, fraction_key, prepared_digest, prepared_outdated, read_json
 from raysynth.config import Config
 from raysynth.data.preprocess import preprocess
 from raysynth.data.raw import RawSet, channel_names
@@ -39,7 +39,7 @@ def prepare(cfg: Config, layout: Layout, force: bool = False) -> dict:
     digest = prepared_digest(cfg)
     signature = source_signature(cfg.data.source)
     if not force:
-        current = _up_to_date(layout, digest, signature)
+        current = _up_to_date(layout, cfg, signature)
         if current is not None:
             _write_subsets(cfg, layout, current_only=True)
             logger.info("prepare: up to date (%s)", layout.prepared)
@@ -54,7 +54,8 @@ def prepare(cfg: Config, layout: Layout, force: bool = False) -> dict:
     if not raw.kind.startswith("phantom"):
         t0 = time.perf_counter()
         logger.info("prepare: looking for exact and near-duplicates among %d images", len(raw.scans))
-        raw, duplicates = group_duplicates(raw, cfg.data.duplicates, cfg.data.duplicate_threshold)
+        raw, duplicates = group_duplicates(raw, cfg.data.duplicates, cfg.data.duplicate_threshold,
+                                           labels_from_masks=cfg.data.task == "segmentation")
         logger.info("prepare: %d duplicate groups (%d images) at threshold %g in %.1f s (data.duplicates=%s)",
                     duplicates["num_groups"], duplicates["num_grouped_images"], duplicates["threshold"],
                     time.perf_counter() - t0, cfg.data.duplicates)
@@ -101,20 +102,13 @@ def _write_subsets(cfg: Config, layout: Layout, *, records: Optional[ImageSet] =
     write_json(layout.subsets, record)
 
 
-def _up_to_date(layout: Layout, digest: str, signature: Optional[str]) -> Optional[dict]:
-    if not all(p.is_file() for p in (layout.fingerprint, layout.data_parquet, layout.splits)):
-        return None
-    try:
-        fingerprint = read_json(layout.fingerprint)
-    except (OSError, ValueError):
-        return None
-    if fingerprint.get("config_digest") != digest:
+def _up_to_date(layout: Layout, cfg: Config, signature: Optional[str]) -> Optional[dict]:
+    why = prepared_outdated(layout, cfg, signature)
+    if why == "config":
         logger.info("prepare: config changed since the last run; preparing again")
-        return None
-    if fingerprint.get("source_signature") != signature:
+    elif why == "source":
         logger.info("prepare: files in %s changed since the last run; preparing again", layout.prepared)
-        return None
-    return fingerprint
+    return read_json(layout.fingerprint) if why is None else None
 
 
 def _stats(arrays, low: float, high: float) -> dict:
