@@ -340,10 +340,12 @@ class StudyConfig(_Model):
         "synthetic": "real data plus synthetic data at each ratio",
         "synthetic+classical": "real plus synthetic data at each ratio, with classical augmentation",
         "synthetic_only": "synthetic data only at each ratio (tested on real data)",
+        "synthetic_pretrain": "pretrained on synthetic data at each ratio, then fine-tuned on the real data",
     }
     """Valid arm names and what each trains on; every arm uses the same splits and seeds (a class
     constant, not a config key)."""
-    SYNTHETIC_ARMS: ClassVar[tuple[str, ...]] = ("synthetic", "synthetic+classical", "synthetic_only")
+    SYNTHETIC_ARMS: ClassVar[tuple[str, ...]] = ("synthetic", "synthetic+classical", "synthetic_only",
+                                                 "synthetic_pretrain")
     """Arms that train on synthetic samples (one condition per ratio)."""
     CLASSICAL_ARMS: ClassVar[tuple[str, ...]] = ("classical", "synthetic+classical")
     """Arms that train with classical MRI augmentation."""

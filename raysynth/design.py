@@ -59,6 +59,11 @@ class Condition:
         return self.arm in SYNTHETIC_ARMS
 
     @property
+    def pretrains(self) -> bool:
+        """Synthetic data first (the whole schedule), then fine-tuning on the real data alone."""
+        return self.arm == "synthetic_pretrain"
+
+    @property
     def uses_classical(self) -> bool:
         return self.arm in CLASSICAL_ARMS
 
@@ -214,11 +219,12 @@ def first_per_class(synthetic, counts: dict[int, int]):
 
 
 def training_set(condition: Condition, real, synthetic):
-    """What a condition trains on: the real subset, the selected synthetic set, or both."""
+    """What a condition trains on: the real subset, the selected synthetic set, or both. (A
+    pretraining condition trains on the real subset here; its synthetic set is its pretraining set.)"""
     parts = []
     if condition.uses_real:
         parts.append(real)
-    if condition.uses_synthetic and synthetic is not None:
+    if condition.uses_synthetic and synthetic is not None and not condition.pretrains:
         # Synthetic records carry the generator's spacing; the real subset's is authoritative.
         parts.append(ImageSet(synthetic.ids, synthetic.subjects, synthetic.labels, synthetic.images, synthetic.masks,
                               spacing=real.spacing))

@@ -88,6 +88,17 @@ def test_classification_learns_a_bright_square_2d():
     assert r["per_sample_dice"] is None and r["train_seconds"] > 0
 
 
+def test_pretraining_on_a_second_set_runs_first_and_changes_the_network():
+    """synthetic_pretrain: the whole schedule on the pretraining set, then fine-tuning on ``train``."""
+    train, test, other = squares(24), squares(16, seed=1), squares(40, seed=2)
+    plain = classify(train, test, seed=3, epochs=2)
+    pre = classify(train, test, seed=3, epochs=2, pretrain=other)
+    assert pre["pretrain_size"] == 40 and len(pre["pretrain_loss_history"]) == 2 and "pretrain_size" not in plain
+    assert pre["train_size"] == 24 and pre["y_prob"] != plain["y_prob"]
+    # fine-tuning starts from the pretrained weights: its first epoch's loss is already lower
+    assert pre["loss_history"][0] < plain["loss_history"][0]
+
+
 def test_classification_is_deterministic_and_leaves_caller_rng_alone():
     train, test = squares(24), squares(8, seed=1)
     torch.manual_seed(123)

@@ -173,7 +173,9 @@ def test_arm_training_sets():
         else:
             assert real_ids == set(real.ids)
         assert data.spacing == real.spacing
-    assert sizes == {"baseline": 10, "classical": 10, "synthetic": 22, "synthetic+classical": 22, "synthetic_only": 12}
+    # synthetic_pretrain fine-tunes on the real data alone (its synthetic set is the pretraining set)
+    assert sizes == {"baseline": 10, "classical": 10, "synthetic": 22, "synthetic+classical": 22, "synthetic_only": 12,
+                     "synthetic_pretrain": 10}
 
 
 def test_only_classical_arms_augment_and_the_augmentation_changes_images():
@@ -193,7 +195,7 @@ def test_only_classical_arms_augment_and_the_augmentation_changes_images():
 # ---- the full design end to end ----------------------------------------------------------------
 
 # Two real fractions x (baseline + synthetic-only at two ratios); the augmented arms are covered above.
-FULL = ["--set", "study.arms=[baseline,synthetic_only]", "--set", "study.ratios=[0.5,1]",
+FULL = ["--set", "study.arms=[baseline,synthetic_only,synthetic_pretrain]", "--set", "study.ratios=[0.5,1]",
         "--set", "study.real_fractions=[0.5,1.0]", "--set", "diffusion.train_steps=10",
         "--set", "diffusion.checkpoint_every=10", "--set", "study.epochs=1", "--set", "sampling.steps=3",
         "--set", "quality.encoder_epochs=1"]
@@ -237,7 +239,8 @@ def test_full_design_end_to_end(ray_session, tmp_path):
 
     report = read_json(L.report / "report.json")
     assert set(report["comparisons"]) == {"0.5", "1"}
-    assert set(report["comparisons"]["0.5"]) == {"synthetic_only x0.5", "synthetic_only x1"}
+    assert set(report["comparisons"]["0.5"]) == {"synthetic_only x0.5", "synthetic_only x1",
+                                                 "synthetic_pretrain x0.5", "synthetic_pretrain x1"}
     comp = report["comparisons"]["0.5"]["synthetic_only x1"]["balanced_accuracy"]
     assert comp["n"] == len(splits) and {"nb_p", "t_p", "wilcoxon_p", "boot_ci_low", "nb_p_holm"} <= set(comp)
     assert "against real-data size" in (L.report / "report.html").read_text()

@@ -230,6 +230,7 @@ def fit_and_evaluate(
     mask_class_names: Optional[list[str]] = None,
     weight_decay: float = 1e-4,
     save_to: Optional[str | Path] = None,
+    pretrain: Optional[ImageSet] = None,
 ) -> dict:
     """Train a fresh network on ``train`` and score it on ``test``; returns ``TrainResult.to_dict()``.
 
@@ -242,6 +243,8 @@ def fit_and_evaluate(
     training batch on the CPU (see ``augment.build_classical_augment``). ``progress`` receives
     ``{"epoch", "epochs", "train_loss", "lr", "seconds"}`` after each epoch. ``save_to``: also
     write the trained network there (:func:`save_network`), for evaluation without retraining.
+    ``pretrain``: first train on this set (the synthetic_pretrain arm: synthetic samples) for the
+    same epochs and schedule, then fine-tune on ``train`` with a fresh optimiser and schedule.
     Returned keys: see :class:`TrainResult`; ``metrics`` comes from ``metrics.py``.
     """
     _validate(task, train, test, num_classes, num_mask_classes, epochs, batch_size, learning_rate, width)
@@ -254,41 +257,15 @@ def fit_and_evaluate(
         model = spec.build().to(dev)
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True) if seg else nn.CrossEntropyLoss()
 
-        x_all = torch.from_numpy(np.ascontiguousarray(train.images, dtype=np.float32))
-        y_all = torch.from_numpy(np.ascontiguousarray(train.masks if seg else train.labels)).long()
-        n = len(train)
-        steps = epochs * ((n + batch_size - 1) // batch_size)
-        optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
-        shuffle = torch.Generator().manual_seed(seed)
-
-        history: list[float] = []
         start = time.perf_counter()
-        model.train()
-        for epoch in range(epochs):
-            order = torch.randperm(n, generator=shuffle)
-            total, count = 0.0, 0
-            for i in range(0, n, batch_size):
-                idx = order[i : i + batch_size]
-                if len(idx) < 2:  # batch norm cannot train on one sample; it rejoins next epoch
-                    continue
-                xb, yb = x_all[idx], y_all[idx]
-                if augment is not None:
-                    xb, mb = augment(xb, yb if seg else None)
-                    yb = mb.long() if seg else yb
-                xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
-                logits = model(xb)
-                loss = loss_fn(logits, yb.unsqueeze(1)) if seg else loss_fn(logits, yb)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                schedule.step()
-                total += float(loss.detach()) * len(idx)
-                count += len(idx)
-            history.append(total / max(count, 1))
-            if progress is not None:
-                progress({"epoch": epoch + 1, "epochs": epochs, "train_loss": history[-1],
-                          "lr": schedule.get_last_lr()[0], "seconds": time.perf_counter() - start})
+        pretrain_history: list[float] = []
+        if pretrain is not None and len(pretrain) > 0:
+            # synthetic_pretrain: the whole schedule on synthetic data, then a fresh one on real data.
+            pretrain_history = _train_epochs(model, pretrain, seg, loss_fn, epochs, batch_size, learning_rate,
+                                             weight_decay, seed + 1, dev, augment, None, "pretrain")
+        history = _train_epochs(model, train, seg, loss_fn, epochs, batch_size, learning_rate, weight_decay, seed, dev,
+                                augment, progress, "train")
+        n = len(train)
         train_seconds = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -304,4 +281,45 @@ def fit_and_evaluate(
         task=task, metrics=metrics, y_true=y_true, y_prob=y_prob, per_sample_dice=per_sample,
         test_ids=list(test.ids), train_size=n, test_size=len(test), epochs=epochs,
         train_seconds=train_seconds, eval_seconds=eval_seconds, loss_history=history,
-    ).to_dict()
+    ).to_dict() | ({"pretrain_size": len(pretrain), "pretrain_loss_history": pretrain_history} if pretrain is not None else {})
+
+
+def _train_epochs(model: nn.Module, data: ImageSet, seg: bool, loss_fn, epochs: int, batch_size: int,
+                  learning_rate: float, weight_decay: float, seed: int, dev: torch.device,
+                  augment: Optional[Callable], progress: Optional[Callable[[dict], None]], phase: str) -> list[float]:
+    """``epochs`` of AdamW with a per-step cosine schedule on ``data``; returns the mean loss per epoch."""
+    x_all = torch.from_numpy(np.ascontiguousarray(data.images, dtype=np.float32))
+    y_all = torch.from_numpy(np.ascontiguousarray(data.masks if seg else data.labels)).long()
+    n = len(data)
+    steps = epochs * ((n + batch_size - 1) // batch_size)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps)
+    shuffle = torch.Generator().manual_seed(seed)
+    history: list[float] = []
+    start = time.perf_counter()
+    model.train()
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=shuffle)
+        total, count = 0.0, 0
+        for i in range(0, n, batch_size):
+            idx = order[i : i + batch_size]
+            if len(idx) < 2:  # batch norm cannot train on one sample; it rejoins next epoch
+                continue
+            xb, yb = x_all[idx], y_all[idx]
+            if augment is not None:
+                xb, mb = augment(xb, yb if seg else None)
+                yb = mb.long() if seg else yb
+            xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
+            logits = model(xb)
+            loss = loss_fn(logits, yb.unsqueeze(1)) if seg else loss_fn(logits, yb)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        history.append(total / max(count, 1))
+        if progress is not None:
+            progress({"epoch": epoch + 1, "epochs": epochs, "train_loss": history[-1], "phase": phase,
+                      "lr": schedule.get_last_lr()[0], "seconds": time.perf_counter() - start})
+    return history

@@ -36,7 +36,8 @@ from raysynth.runtime import set_threads
 
 
 def trial_data(cfg: Config, layout: Layout, trial: dict, dropped: set[str]):
-    """``(train, test, n_real, n_synthetic)`` of one trial, following ``design``."""
+    """``(train, test, n_real, n_synthetic, pretrain)`` of one trial, following ``design``; ``pretrain``
+    is the synthetic set of a pretraining arm (else None)."""
     condition = Condition(trial["arm"], trial["ratio"])
     fold, fraction = int(trial["fold"]), float(trial["fraction"])
     records, fingerprint, splits = read_prepared(layout, cfg)
@@ -56,7 +57,9 @@ def trial_data(cfg: Config, layout: Layout, trial: dict, dropped: set[str]):
             keep = [i for i, sid in enumerate(synthetic.ids) if sid not in dropped]
             synthetic = synthetic.select(keep) if keep else None
     train = training_set(condition, real, synthetic)
-    return train, test, (len(real) if condition.uses_real else 0), (0 if synthetic is None else len(synthetic))
+    pretrain = synthetic if condition.pretrains else None
+    return (train, test, (len(real) if condition.uses_real else 0), (0 if synthetic is None else len(synthetic)),
+            pretrain)
 
 
 def run_trial(config: dict) -> None:
@@ -68,7 +71,7 @@ def run_trial(config: dict) -> None:
     trial = config["trial"]
     seed = int(trial["seed"])
     _, fingerprint, _ = read_prepared(layout, cfg)
-    train, test, n_real, n_synthetic = trial_data(cfg, layout, trial, set(config["dropped"]))
+    train, test, n_real, n_synthetic, pretrain = trial_data(cfg, layout, trial, set(config["dropped"]))
     segmentation = cfg.data.task == "segmentation"
     t0 = time.time()
     result = fit_and_evaluate(
@@ -80,6 +83,7 @@ def run_trial(config: dict) -> None:
         augment=augment_for(Condition(trial["arm"], trial["ratio"]), cfg.data.dims, seed, segmentation),
         class_names=fingerprint["class_names"], mask_class_names=fingerprint.get("mask_names"),
         save_to=layout.study_model(trial_key(**trial)),
+        pretrain=pretrain,
     )
     scalars = {k: float(v) for k, v in result["metrics"].items() if isinstance(v, (int, float))}
     payload = {

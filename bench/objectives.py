@@ -1,0 +1,160 @@
+"""Benchmark (issue 16): do the modern objectives fix the samples? Side by side, one run, one fold.
+
+    .venv/bin/python bench/objectives.py [--data DIR] [--steps 400] [--samples 128] [--json F]
+
+Trains one small generator per objective on fold 0's real training part of
+``../shared/data/brain-tumor-mri-4class/Training`` at 32x32 (the same seeds, batches, UNet and
+steps for all), then samples the same seeds per sampler and scores each against the fold's real
+test part:
+
+- FD ratio: FD(synthetic, real test) / FD(real training, real test), on the quality stage's encoder
+  (fitted on the real training part); target <= 1.5.
+- label fidelity: the encoder's classifier accuracy on synthetic samples (with their conditioning
+  labels) / its accuracy on the real test part; target >= 0.9.
+- intensities: synthetic minus real test mean, 5th and 95th percentile over all pixels,
+  background included; target |difference| <= 0.05.
+- x0 saturation: the fraction of synthetic pixels at |x| >= 0.99 (the DPM-Solver++ drift).
+
+Rows: DDPM epsilon (the default until now), DDPM v-prediction with a zero-terminal-SNR schedule,
+the same with Min-SNR-5 weighting, and rectified flow (trained with class dropout 0.1, so it is
+also sampled with classifier-free guidance at w = 2). Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_study import SHARED, cpu  # noqa: E402  (bench helpers: the shared data folder, the CPU line)
+
+from raysynth.artifacts import Layout, read_prepared  # noqa: E402
+from raysynth.config import load_config  # noqa: E402
+from raysynth.diffusion.trainer import GeneratorFit, training_tensors  # noqa: E402
+from raysynth.quality.features import train_encoder  # noqa: E402
+from raysynth.quality.metrics import frechet_distance  # noqa: E402
+from raysynth.runtime import derive_seed  # noqa: E402
+from raysynth.stages.prepare import prepare  # noqa: E402
+
+VARIANTS = {  # name: (diffusion overrides, [(sampler, steps, guidance)])
+    "ddpm eps": ({"process": "ddpm"}, [("ddim", 50, 1.0), ("dpmsolver++", 10, 1.0)]),
+    "ddpm v + zero-SNR": ({"process": "ddpm", "prediction_type": "v_prediction", "zero_terminal_snr": True},
+                          [("ddim", 50, 1.0), ("dpmsolver++", 10, 1.0)]),
+    "ddpm v + zero-SNR + min-SNR 5": ({"process": "ddpm", "prediction_type": "v_prediction",
+                                       "zero_terminal_snr": True, "snr_gamma": 5.0},
+                                      [("ddim", 50, 1.0), ("dpmsolver++", 10, 1.0)]),
+    "flow (class dropout 0.1)": ({"process": "flow", "class_dropout": 0.1},
+                                 [("euler", 50, 1.0), ("euler", 10, 1.0), ("heun", 5, 1.0), ("euler", 10, 2.0)]),
+}
+from raysynth.diffusion.tune_trial import COVARIANCE  # noqa: E402  (the quality stage's covariance)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def train(cfg, overrides: dict, x0, labels, steps: int, num_classes: int):
+    diffusion = cfg.diffusion.replace(**overrides)
+    torch.manual_seed(derive_seed(cfg.seed, 1))
+    fit = GeneratorFit(diffusion, dims=2, in_channels=x0.shape[1], image_size=cfg.data.image_size,
+                       num_classes=num_classes)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, 2, step))
+        idx = torch.randint(0, x0.shape[0], (diffusion.batch_size,), generator=g)
+        loss = fit.step(x0[idx], labels[idx], generator=g)
+        if (step + 1) % max(1, steps // 4) == 0:
+            log(f"  step {step + 1}/{steps} loss {loss:.4f} ({time.perf_counter() - t0:.0f}s)")
+    with fit.ema_weights() as model:
+        return copy.deepcopy(model).eval(), fit.process, time.perf_counter() - t0
+
+
+def stats(images: np.ndarray) -> dict:
+    flat = images.reshape(-1)
+    return {"mean": float(flat.mean()), "p5": float(np.percentile(flat, 5)), "p95": float(np.percentile(flat, 95)),
+            "saturated": float(np.mean(np.abs(flat) >= 0.99))}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(SHARED / "brain-tumor-mri-4class" / "Training"))
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.basicConfig(level=logging.WARNING)
+    t_start = time.perf_counter()
+    cfg = load_config("default", None, [f"data.source={args.data}", "data.image_size=32", "cv.folds=3",
+                                        "diffusion.channels=[32,64]", "diffusion.batch_size=32",
+                                        f"diffusion.cpu_bf16={str(torch.backends.mkldnn.is_available()).lower()}",
+                                        "quality.encoder_epochs=5"])
+    scratch = tempfile.TemporaryDirectory(prefix="bench-objectives-")
+    layout = Layout.at(scratch.name)
+    prepare(cfg, layout)
+    records, fingerprint, splits = read_prepared(layout, cfg)
+    fold = splits[0]
+    real_train, real_test = records.subset_ids(fold["train"]), records.subset_ids(fold["test"])
+    x0, labels = training_tensors(real_train, 0)
+    num_classes = int(fingerprint["num_classes"])
+    encoder = train_encoder(real_train.images, real_train.labels, 2, cfg.quality.feature_dim,
+                            cfg.quality.encoder_epochs, cfg.seed)
+    test_f = encoder.features(real_test.images)
+    reference_fd = frechet_distance(test_f, encoder.features(real_train.images), covariance=COVARIANCE)
+    test_acc = encoder.accuracy(real_test.images, real_test.labels)
+    real = stats(real_test.images)
+    n = args.samples
+    sample_labels = np.arange(n) % num_classes
+    seeds = [derive_seed(cfg.seed, 3, j) % 2**63 for j in range(n)]
+    rows = []
+    for name, (overrides, grid) in VARIANTS.items():
+        log(f"training {name}: {args.steps} steps on {len(real_train)} images")
+        model, process, train_s = train(cfg, overrides, x0, labels, args.steps, num_classes)
+        for sampler, steps, w in grid:
+            t0 = time.perf_counter()
+            gens = [torch.Generator().manual_seed(s) for s in seeds]
+            with torch.inference_mode():
+                x = process.sample(model, torch.as_tensor(sample_labels), tuple(x0.shape[1:]), sampler, steps, gens,
+                                   guidance_scale=w).numpy()
+            s = stats(x)
+            row = {"objective": name, "sampler": sampler, "steps": steps, "guidance": w,
+                   "nfe": len(process.make_scheduler(sampler, steps).timesteps) * (1 if w == 1.0 else 2),
+                   "fd_ratio": frechet_distance(test_f, encoder.features(x), covariance=COVARIANCE) / reference_fd,
+                   "label_fidelity": encoder.accuracy(x, sample_labels) / test_acc,
+                   **{f"d_{k}": s[k] - real[k] for k in ("mean", "p5", "p95")}, "saturated": s["saturated"],
+                   "train_s": train_s, "sample_ms": 1000 * (time.perf_counter() - t0) / n}
+            rows.append(row)
+            log(f"  {sampler} {steps} w={w}: FD ratio {row['fd_ratio']:.2f}, label fidelity {row['label_fidelity']:.2f}, "
+                f"d mean {row['d_mean']:+.3f}, saturated {row['saturated']:.3f}")
+    print(f"\nCPU: {cpu()}, torch threads {args.threads}. Data: {args.data}, fold 0 of 3: {len(real_train)} training, "
+          f"{len(real_test)} test images at 32x32. {args.steps} training steps per objective, UNet [32, 64], "
+          f"{n} samples per row. Real test: mean {real['mean']:.3f}, p5 {real['p5']:.3f}, p95 {real['p95']:.3f}; "
+          f"encoder accuracy on it {test_acc:.3f}; FD(real train, real test) {reference_fd:.4g}. "
+          f"Total {(time.perf_counter() - t_start) / 60:.1f} min.\n")
+    print("| objective | sampler | steps | guidance | NFE | FD ratio (<= 1.5) | label fidelity (>= 0.9) | "
+          "mean diff | p5 diff | p95 diff | saturated px | train s | ms/sample |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['objective']} | {r['sampler']} | {r['steps']} | {r['guidance']:g} | {r['nfe']} | {r['fd_ratio']:.2f} | "
+              f"{r['label_fidelity']:.2f} | {r['d_mean']:+.3f} | {r['d_p5']:+.3f} | {r['d_p95']:+.3f} | "
+              f"{r['saturated']:.3f} | {r['train_s']:.0f} | {r['sample_ms']:.1f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"reference_fd": reference_fd, "test_accuracy": test_acc, "real": real,
+                                         "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
