@@ -9,6 +9,7 @@ OUT/study/       results.parquet, predictions.parquet, study.json, trials/*.json
 OUT/robustness/  corrupted.parquet, external.parquet, external_predictions.parquet, robustness.json
 OUT/report/      report.json, report.html, report.md, *.png
 OUT/tune/        results.parquet, best.yaml, tune.json, fd_vs_*.png   (optional, before train)
+OUT/logs/        ray.log: Ray's output and the details of every command run on OUT (not an artifact)
 ```
 
 A stage reads another stage's output only through this module: the file names live here, and
@@ -54,6 +55,8 @@ SHARD_RE = re.compile(r"^part-c(?P<c>\d+)-(?P<lo>\d{7})-(?P<hi>\d{7})\.parquet$"
 QUALITY_JSON = "quality.json"
 DROPPED_JSON = "dropped.json"
 NCC_HISTOGRAM = "ncc_hist.png"
+QUALITY_VERSION = 1
+"""The format of ``quality.json``: a file of another version is redone."""
 RESULTS = "results.parquet"
 PREDICTIONS = "predictions.parquet"
 STUDY_JSON = "study.json"
@@ -147,6 +150,11 @@ class Layout:
         """Ray Train / Tune run folders (checkpoints, trial state)."""
         return self.root / "ray"
 
+    @property
+    def logs(self) -> Path:
+        """The command line's log files: ``ray.log``, Ray's output and every detail (raysynth.console)."""
+        return self.root / "logs"
+
 
 def fraction_tag(fraction: float) -> str:
     """Folder suffix of a real-data fraction: "" for the whole training part, "_p25" for 25%."""
@@ -218,6 +226,23 @@ def read_fingerprint(layout: Layout, cfg: Config) -> dict:
         raise StageError(f"{layout.prepared} was prepared with another data/cv config "
                          f"(digest {fingerprint.get('config_digest')}); rerun `raysynth prepare`")
     return fingerprint
+
+
+def prepared_outdated(layout: Layout, cfg: Config, signature: Optional[str]) -> Optional[str]:
+    """Why prepare must run (again) for ``cfg``, or None when its output is current: ``"missing"``
+    (a file is absent, or the fingerprint unreadable), ``"config"`` (another data/cv digest) or
+    ``"source"`` (files under ``data.source`` changed; ``signature``: ``data.sources.source_signature``)."""
+    if not all(p.is_file() for p in (layout.fingerprint, layout.data_parquet, layout.splits)):
+        return "missing"
+    try:
+        fingerprint = read_json(layout.fingerprint)
+    except (OSError, ValueError):
+        return "missing"
+    if fingerprint.get("config_digest") != prepared_digest(cfg):
+        return "config"
+    if fingerprint.get("source_signature") != signature:
+        return "source"
+    return None
 
 
 def read_splits(layout: Layout, cfg: Config) -> list[dict]:
@@ -360,6 +385,28 @@ def read_quality(layout: Layout) -> Optional[dict]:
     return read_json(path) if path.is_file() else None
 
 
+def quality_outdated(layout: Layout, cfg: Config, folds: list[int]) -> Optional[str]:
+    """Why quality must run (again) for ``cfg`` and the synthetic sets of ``folds``, or None when
+    ``quality.json`` is complete: ``"missing"`` (absent or unreadable), ``"config"`` (another digest,
+    seed or :data:`QUALITY_VERSION`), ``"folds"`` (it assessed other folds) or ``"figures"`` (a
+    figure, or the drop list ``quality.drop_memorised`` asks for, is missing)."""
+    try:
+        saved = read_json(layout.quality / QUALITY_JSON)
+    except (OSError, ValueError):
+        return "missing"
+    if (saved.get("version"), saved.get("config_digest"), saved.get("seed")) != (QUALITY_VERSION, quality_digest(cfg),
+                                                                                 cfg.seed):
+        return "config"
+    try:
+        if sorted(r["fold"] for r in saved["folds"]) != sorted(folds):
+            return "folds"
+        names = [NCC_HISTOGRAM] + [r["figures"]["nearest_pairs"] for r in saved["folds"]]
+    except (KeyError, TypeError):
+        return "missing"
+    names += [DROPPED_JSON] if cfg.quality.drop_memorised else []
+    return None if all((layout.quality / n).is_file() for n in names) else "figures"
+
+
 def dropped_ids(layout: Layout, cfg: Config) -> set[str]:
     """Synthetic ids the privacy gate removed (``quality.drop_memorised``), for this config."""
     path = layout.quality / DROPPED_JSON
@@ -428,3 +475,28 @@ def load_table(layout: Layout, name: str) -> Optional[list[dict]]:
         raise ValueError(f"robustness table {name!r} is not one of {list(ROBUSTNESS_TABLES)}")
     path = layout.robustness / f"{name}.parquet"
     return pq.read_table(path).to_pylist() if path.is_file() else None
+
+
+# ---- report ---------------------------------------------------------------------------------------
+
+def report_inputs_sha256(layout: Layout) -> str:
+    """Hash of the study's results and the robustness stage's tables: report.json is current
+    while the ``results_sha256`` it records matches."""
+    h = hashlib.sha256()
+    for path in (layout.study / RESULTS, layout.robustness / ROBUSTNESS_JSON,
+                 layout.robustness / "corrupted.parquet", layout.robustness / "external.parquet"):
+        if path.is_file():
+            h.update(path.name.encode() + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def report_outdated(layout: Layout) -> Optional[str]:
+    """Why report.json must be built (again), or None when it is current: ``"missing"``, or
+    ``"inputs"`` (the study's results or the robustness tables changed since). Without study
+    results on file, an existing report.json is current: it is only re-rendered."""
+    path = layout.report / REPORT_JSON
+    if not path.is_file():
+        return "missing"
+    if (layout.study / RESULTS).is_file() and read_json(path).get("results_sha256") != report_inputs_sha256(layout):
+        return "inputs"
+    return None

@@ -17,10 +17,12 @@ from raysynth.artifacts import (
     DROPPED_JSON,
     NCC_HISTOGRAM,
     QUALITY_JSON,
+    QUALITY_VERSION,
     Layout,
     generator_meta,
     generator_train_ids,
     quality_digest,
+    quality_outdated,
     read_json,
     read_manifest,
     read_prepared,
@@ -45,7 +47,6 @@ from raysynth.runtime import derive_seed
 
 logger = logging.getLogger(__name__)
 
-QUALITY_VERSION = 1
 COVARIANCE = "ledoit_wolf"  # per-class sets are often smaller than the feature width
 KID_SUBSETS, KID_SUBSET_SIZE = 50, 1000
 DIVERSITY_PAIRS = 200
@@ -81,7 +82,7 @@ def assess_quality(cfg: Config, layout: Layout, force: bool = False) -> dict[str
     missing = sorted(set(manifests) - {int(f["fold"]) for f in ready})
     if missing:
         logger.warning("quality: folds %s have no synthetic shards and are not assessed", missing)
-    if not force and _is_complete(layout, digest, cfg, [int(f["fold"]) for f in ready]):
+    if not force and quality_outdated(layout, cfg, [int(f["fold"]) for f in ready]) is None:
         logger.info("quality: %s is complete for config %s; skipping (use force to redo)", out, digest)
         return read_json(out)
 
@@ -132,24 +133,6 @@ def assess_quality(cfg: Config, layout: Layout, force: bool = False) -> dict[str
     write_json(out, summary)
     logger.info("quality: wrote %s; privacy %s", out, "passed" if passed else "FAILED")
     return summary
-
-
-def _is_complete(layout: Layout, digest: str, cfg: Config, folds: list[int]) -> bool:
-    path = layout.quality / QUALITY_JSON
-    try:
-        saved = read_json(path)
-    except (OSError, ValueError):
-        return False
-    if (saved.get("version"), saved.get("config_digest"), saved.get("seed")) != (QUALITY_VERSION, digest, cfg.seed):
-        return False
-    try:
-        if sorted(r["fold"] for r in saved["folds"]) != sorted(folds):
-            return False
-        names = [NCC_HISTOGRAM] + [r["figures"]["nearest_pairs"] for r in saved["folds"]]
-    except (KeyError, TypeError):
-        return False
-    names += [DROPPED_JSON] if cfg.quality.drop_memorised else []
-    return all((layout.quality / n).is_file() for n in names)
 
 
 def _method(cfg: Config) -> dict[str, Any]:

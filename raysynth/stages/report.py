@@ -11,7 +11,6 @@ with the study's results.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import logging
 import platform
@@ -25,7 +24,6 @@ from raysynth.analysis import aggregate
 from raysynth.analysis.robust_aggregate import robustness_section
 from raysynth.artifacts import (
     REPORT_JSON,
-    RESULTS,
     ROBUSTNESS_JSON,
     Layout,
     fraction_tag,
@@ -34,12 +32,13 @@ from raysynth.artifacts import (
     load_results,
     load_table,
     loss_history,
-    read_json,
     read_manifest,
     read_prepared,
     read_quality,
     read_robustness,
     read_synthetic,
+    report_inputs_sha256,
+    report_outdated,
 )
 from raysynth.config import Config
 from raysynth.data.external import BUILTIN, external_source
@@ -71,9 +70,7 @@ def package_versions() -> dict[str, str]:
 def write_report(cfg: Config, layout: Layout, force: bool = False) -> dict[str, Any]:
     """Build report.json from the study (unless it is already up to date, or ``force``), then render it."""
     path = layout.report / REPORT_JSON
-    results = layout.study / RESULTS
-    current = path.is_file() and (not results.is_file() or read_json(path).get("results_sha256") == _inputs_sha256(layout))
-    if current and not force:
+    if report_outdated(layout) is None and not force:
         log.info("report: report.json is up to date with the study and robustness; re-rendering from it alone")
     else:
         write_json(path, build_report(cfg, layout))
@@ -131,19 +128,8 @@ def build_report(cfg: Config, layout: Layout) -> dict[str, Any]:
         "robustness": _robustness(cfg, layout, rows, predictions, metrics),
         "config": cfg.to_dict(),
         "packages": package_versions(),
-        "results_sha256": _inputs_sha256(layout),
+        "results_sha256": report_inputs_sha256(layout),
     }
-
-
-def _inputs_sha256(layout: Layout) -> str:
-    """Hash of the study's results and the robustness stage's tables: report.json is current
-    while it matches."""
-    h = hashlib.sha256()
-    for path in (layout.study / RESULTS, layout.robustness / ROBUSTNESS_JSON,
-                 layout.robustness / "corrupted.parquet", layout.robustness / "external.parquet"):
-        if path.is_file():
-            h.update(path.name.encode() + hashlib.sha256(path.read_bytes()).digest())
-    return h.hexdigest()
 
 
 def _robustness(cfg: Config, layout: Layout, rows: list[dict], predictions, metrics: list[str]):
