@@ -149,6 +149,9 @@ def test_missing_mask_for_segmentation(tmp_path):
     root = nifti_csv(tmp_path / "d", task_masks=True)
     (root / "v2_seg.nii.gz").unlink()
     fails(cfg(root, dims=3, task="segmentation"), "v2.nii.gz", "no mask")
+    # an unannotated case is skippable: the rest of the folder still loads
+    raw = load_source(cfg(root, dims=3, task="segmentation", bad_files="skip"))
+    assert raw.skipped == ["v2.nii.gz"] and all(s.mask is not None for s in raw.scans)
 
 
 def test_absurd_header_size(tmp_path):

@@ -300,7 +300,8 @@ def _load_entry(root: Path, path: Path, rel: str, index: int, label: int, data_c
       files ``x_<suffix>.nii.gz`` (or ``.nii``) beside it are read and stacked in the list's order.
       They must share one grid. A missing sequence is a one-line error naming the scan and the
       sequence (skipped with a warning under ``data.bad_files=skip``). The mask is ``x_seg.*``,
-      else the one beside the first sequence (``x_t1_seg.*``).
+      else the one beside the first sequence (``x_t1_seg.*``). A segmentation image without a mask
+      is an error too, also skippable.
     """
     channels = data_cfg.channels
     if isinstance(channels, list):
@@ -326,8 +327,9 @@ def _load_entry(root: Path, path: Path, rel: str, index: int, label: int, data_c
     if data_cfg.task == "segmentation":  # classification ignores masks: not even read
         mpath = next((m for m in (mask_path(c, data_cfg.mask_suffix) for c in mask_candidates) if m is not None), None)
         if mpath is None:
-            raise InputError(f"{rel}: no mask {_stem(mask_candidates[0])}{data_cfg.mask_suffix}.* beside it "
-                             f"(task=segmentation needs one per image)")
+            # skippable: a real folder often has a few unannotated cases (brain-mri-3d's BraTS-style case)
+            raise _BadFile(f"{rel}: no mask {_stem(mask_candidates[0])}{data_cfg.mask_suffix}.* beside it "
+                           f"(task=segmentation needs one per image; data.bad_files=skip leaves such images out)")
         mrel = mpath.relative_to(root).as_posix()
         mask = _check_mask(_read_array(mpath, mrel, is_mask=True)[0], image.shape[1:], mrel)
     sid = f"s{index:04d}"
