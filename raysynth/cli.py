@@ -26,6 +26,7 @@ COMMANDS = {
     "robustness": "study models on corrupted test parts and an external test set, without retraining",
     "report": "paired statistics, figures, report.json, report.html and report.md",
     "pipeline": "all stages, skipping finished work",
+    "status": "what an output holds: each stage complete, partial or stale, the figures so far, the report",
 }
 
 
@@ -78,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--task", choices=("classification", "segmentation"), help="downstream task (data.task)")
         if name == "config":
             p.add_argument("--diff", action="store_true", help="print only what differs from the defaults")
-        if name != "config":
+        if name == "status":  # reads the artifacts only: no --out, --force or -q
+            p.add_argument("out", nargs="?", metavar="OUT", help="output root, a folder or a URI (default: runs/<preset>)")
+            p.add_argument("--json", action="store_true", help="print the status as strict JSON")
+            p.add_argument("--external-test", metavar="PATH", help="the external test set the run used, if any")
+        if name not in ("config", "status"):
             p.add_argument("--out", metavar="DIR|URI",
                            help="output root: a folder, or a URI such as s3://bucket/run1 (default: runs/<preset>)")
             p.add_argument("--force", action="store_true", help="redo the stage even if its artifact is complete")
@@ -121,6 +126,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "config":
             sys.stdout.write(config_diff(cfg) if args.diff else cfg.to_yaml())
             return 0
+        if args.command == "status":
+            return _status(args, cfg)
         layout = Layout.at(args.out or f"runs/{args.preset}")
         return _run(args, cfg, layout)
     except (ConfigError, RaysynthError) as exc:
@@ -129,6 +136,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("raysynth: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def _status(args: argparse.Namespace, cfg) -> int:
+    from raysynth.io import strict
+    from raysynth.status import collect, open_output, render
+
+    status = collect(open_output(args.out or f"runs/{args.preset}"), cfg)
+    print(json.dumps(strict(status), indent=2, allow_nan=False) if args.json else "\n".join(render(status)))
+    return 0
 
 
 def _run(args: argparse.Namespace, cfg, layout: Layout) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from raysynth.config import Config, apply_override, load_config
+from raysynth.config import OPT_IN_FIELDS, Config, apply_override, load_config
 from raysynth import artifacts
 from raysynth.stages import sample as sample_mod
 from raysynth.diffusion.networks import build_denoiser
@@ -35,6 +35,10 @@ def legacy_digest(cfg: Config, *sections: str, drop: str) -> str:
     section, name = drop.split(".")
     plain = {s: getattr(cfg, s).to_dict() for s in sections}
     del plain[section][name]
+    for dotted in OPT_IN_FIELDS:  # the fields added after it (objectives, guidance) did not exist either
+        sec, field = dotted.split(".")
+        if sec in plain:
+            plain[sec].pop(field, None)
     return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
 
 
