@@ -23,7 +23,6 @@ also sampled with classifier-free guidance at w = 2). Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import sys
@@ -37,10 +36,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_study import SHARED, cpu  # noqa: E402  (bench helpers: the shared data folder, the CPU line)
+from samplers import train_generator  # noqa: E402  (the same seeded training loop)
 
 from raysynth.artifacts import Layout, read_prepared  # noqa: E402
 from raysynth.config import load_config  # noqa: E402
-from raysynth.diffusion.trainer import GeneratorFit, training_tensors  # noqa: E402
+from raysynth.diffusion.trainer import training_tensors  # noqa: E402
 from raysynth.quality.features import train_encoder  # noqa: E402
 from raysynth.quality.metrics import frechet_distance  # noqa: E402
 from raysynth.runtime import derive_seed  # noqa: E402
@@ -61,22 +61,6 @@ from raysynth.diffusion.tune_trial import COVARIANCE  # noqa: E402  (the quality
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def train(cfg, overrides: dict, x0, labels, steps: int, num_classes: int):
-    diffusion = cfg.diffusion.replace(**overrides)
-    torch.manual_seed(derive_seed(cfg.seed, 1))
-    fit = GeneratorFit(diffusion, dims=2, in_channels=x0.shape[1], image_size=cfg.data.image_size,
-                       num_classes=num_classes)
-    t0 = time.perf_counter()
-    for step in range(steps):
-        g = torch.Generator().manual_seed(derive_seed(cfg.seed, 2, step))
-        idx = torch.randint(0, x0.shape[0], (diffusion.batch_size,), generator=g)
-        loss = fit.step(x0[idx], labels[idx], generator=g)
-        if (step + 1) % max(1, steps // 4) == 0:
-            log(f"  step {step + 1}/{steps} loss {loss:.4f} ({time.perf_counter() - t0:.0f}s)")
-    with fit.ema_weights() as model:
-        return copy.deepcopy(model).eval(), fit.process, time.perf_counter() - t0
 
 
 def stats(images: np.ndarray) -> dict:
@@ -121,7 +105,7 @@ def main(argv=None) -> int:
     rows = []
     for name, (overrides, grid) in VARIANTS.items():
         log(f"training {name}: {args.steps} steps on {len(real_train)} images")
-        model, process, train_s = train(cfg, overrides, x0, labels, args.steps, num_classes)
+        model, process, train_s = train_generator(cfg, overrides, x0, labels, args.steps, num_classes)
         for sampler, steps, w in grid:
             t0 = time.perf_counter()
             gens = [torch.Generator().manual_seed(s) for s in seeds]

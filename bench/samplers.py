@@ -71,10 +71,12 @@ class CountingModel(torch.nn.Module):
         return self.model(x, t, class_labels)
 
 
-def train_generator(cfg, process: str, x0: torch.Tensor, labels: torch.Tensor, steps: int, num_classes: int):
-    """A briefly trained generator (the ``raysynth train`` step, seeded batches); returns model, process."""
+def train_generator(cfg, overrides: dict, x0: torch.Tensor, labels: torch.Tensor, steps: int, num_classes: int):
+    """A briefly trained generator (the ``raysynth train`` step, seeded batches) with ``cfg.diffusion``
+    updated by ``overrides``; returns the EMA model, the process and the training seconds."""
 
-    diffusion = cfg.diffusion.replace(process=process)
+    diffusion = cfg.diffusion.replace(**overrides)
+    process = diffusion.process
     torch.manual_seed(derive_seed(cfg.seed, 1))
     fit = GeneratorFit(diffusion, dims=cfg.data.dims, in_channels=x0.shape[1], image_size=cfg.data.image_size,
                        num_classes=num_classes)
@@ -86,9 +88,10 @@ def train_generator(cfg, process: str, x0: torch.Tensor, labels: torch.Tensor, s
         loss = fit.step(x0[idx], labels[idx], generator=g)
         if (step + 1) % max(1, steps // 4) == 0:
             log(f"  {process}: step {step + 1}/{steps} loss {loss:.4f} ({time.perf_counter() - t0:.0f}s)")
+    seconds = time.perf_counter() - t0
     with fit.ema_weights() as model:  # sample from the EMA weights, as the sample stage does
         ema = copy.deepcopy(model)
-    return ema.eval(), fit.process
+    return ema.eval(), fit.process, seconds
 
 
 def log(message: str) -> None:
@@ -139,7 +142,8 @@ def main(argv=None) -> int:
         generators = {}
         for proc in GRID:
             log(f"training a {proc} generator: {train_steps} steps, {len(train)} images")
-            generators[proc] = train_generator(cfg, proc, x0, labels, train_steps, int(fingerprint["num_classes"]))
+            generators[proc] = train_generator(cfg, {"process": proc}, x0, labels, train_steps,
+                                               int(fingerprint["num_classes"]))[:2]
 
     # 2. The encoder (real training part only), held-out features and the real-vs-real scale.
     q = cfg.quality
