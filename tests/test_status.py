@@ -251,7 +251,8 @@ def test_status_starts_no_ray(tmp_path, cfg, monkeypatch, capsys):
 
     monkeypatch.setattr(ray, "init", no_ray)
     layout = complete_output(tmp_path / "run", cfg)
-    assert main(["status", str(layout.root), "--preset", "smoke"]) == 0 and not ray.is_initialized()
+    # ray.init raising proves the in-process call never starts Ray (the test session may share one)
+    assert main(["status", str(layout.root), "--preset", "smoke"]) == 0
     capsys.readouterr()
     script = ("import sys; from raysynth.cli import main; code = main(sys.argv[1:]); "
               "assert 'ray' not in sys.modules, 'status imported ray'; sys.exit(code)")
