@@ -57,16 +57,16 @@ COMMON = [
 ]
 DATASETS = {
     "4class": {
-        "heading": "## Real-data study: brain-tumor-mri-4class (classification)",
+        "heading": "## Real-data study: brain-tumor-mri-4class (classification, {generator} generator)",
         "data": SHARED / "brain-tumor-mri-4class" / "Training",
-        "settings": ["study.arms=[baseline,classical,synthetic,synthetic+classical,synthetic_only]"],
+        "settings": ["study.arms=[baseline,classical,synthetic,synthetic+classical,synthetic_only,synthetic_pretrain]"],
         "metrics": ("balanced_accuracy", "auc"),
     },
     "seg2d": {
-        "heading": "## Real-data study: brain-mri-seg2d (segmentation, split by patient)",
+        "heading": "## Real-data study: brain-mri-seg2d (segmentation, split by patient, {generator} generator)",
         "data": SHARED / "brain-mri-seg2d",
         "settings": ["data.task=segmentation", "data.channels=rgb", "data.subject_pattern=^(TCGA_[A-Z]{2}_[0-9]{4})",
-                     "study.arms=[baseline,classical,synthetic,synthetic+classical]"],
+                     "study.arms=[baseline,classical,synthetic,synthetic+classical,synthetic_pretrain]"],
         "metrics": ("mean_dice", "mean_hd95"),
     },
 }
@@ -84,6 +84,14 @@ def cpu() -> str:
     flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
     ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return f"{model} ({', '.join(ext) or 'no AVX2'})"
+
+
+def generator_name(cfg) -> str:
+    """How the heading names the generator, so that runs with different generators keep their own sections."""
+    d = cfg.diffusion
+    if d.process == "flow":
+        return f"rectified-flow, {cfg.sampling.sampler} {cfg.sampling.steps}-step"
+    return f"{d.process.upper()}-{d.prediction_type}"
 
 
 def run(data: str, out: str, extra: list[str]) -> tuple[dict, dict, object]:
@@ -196,6 +204,7 @@ def main() -> None:
     args.out = args.out or f"runs/real_study_{args.dataset}"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     report, timings, cfg = run(args.data, args.out, args.overrides)
+    HEADING = HEADING.format(generator=generator_name(cfg))
     text = section(report, timings, cfg, args.out)
     print("\n" + text)
     if args.benchmarks:
