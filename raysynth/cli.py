@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import builtins
+import functools
 import json
 import logging
 import sys
@@ -11,7 +13,9 @@ from typing import Optional, Sequence
 
 from raysynth.artifacts import Layout
 from raysynth.config import ConfigError, load_config, preset_names
+from raysynth.console import LOG_NAME, Console, one_line
 from raysynth.errors import PrivacyGateError, RaysynthError
+from raysynth.runtime import release_ray
 
 log = logging.getLogger("raysynth")
 
@@ -88,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="output root: a folder, or a URI such as s3://bucket/run1 (default: runs/<preset>)")
             p.add_argument("--force", action="store_true", help="redo the stage even if its artifact is complete")
             p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+            p.add_argument("-v", "--verbose", action="store_true",
+                           help="show Ray's own output and every detail on the console (default: OUT/logs/ray.log)")
         if name in ("train", "sample"):
             p.add_argument("--folds", type=int, nargs="+", metavar="K", help="only these folds")
         if name in ("robustness", "report", "pipeline"):
@@ -119,8 +125,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.command in ("config", "status"):  # the commands that run stages log through raysynth.console
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    console = None
     try:
         cfg = resolve_config(args)
         if args.command == "config":
@@ -129,13 +136,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "status":
             return _status(args, cfg)
         layout = Layout.at(args.out or f"runs/{args.preset}")
-        return _run(args, cfg, layout)
+        console = Console(layout.logs / LOG_NAME, verbose=args.verbose, quiet=args.quiet,
+                          title=" ".join(sys.argv[1:] if argv is None else argv))
+        with console:
+            try:
+                return _run(args, cfg, layout, console)
+            finally:
+                release_ray()  # while the console is open: what Ray prints on the way out goes to the log
     except (ConfigError, RaysynthError) as exc:
-        print(f"raysynth: error: {exc}", file=sys.stderr)
+        where = console.details if console is not None and not isinstance(exc, PrivacyGateError) else ""
+        print(f"raysynth: error: {one_line(exc)}{where}", file=sys.stderr)
         return 3 if isinstance(exc, PrivacyGateError) else 2
     except KeyboardInterrupt:
         print("raysynth: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # not ours (a bug, or Ray failing): one line here, the traceback in the log
+        if console is None or console.verbose:
+            raise
+        print(f"raysynth: error: {one_line(exc)}{console.details}", file=sys.stderr)
+        return 1
 
 
 def _status(args: argparse.Namespace, cfg) -> int:
@@ -147,10 +166,11 @@ def _status(args: argparse.Namespace, cfg) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, cfg, layout: Layout) -> int:
+def _run(args: argparse.Namespace, cfg, layout: Layout, console: Console) -> int:
     from raysynth.pipeline import run_pipeline, run_stage
     from raysynth.render.report import summary_lines
 
+    print = functools.partial(builtins.print, file=console.stdout)  # noqa: A001  (sys.stdout is the log file now)
     t0 = time.time()
     if args.command == "pipeline":
         try:
@@ -164,6 +184,7 @@ def _run(args: argparse.Namespace, cfg, layout: Layout) -> int:
               + (f" (pushed to {layout.remote})" if layout.remote else ""))
         for line in summary_lines(result["report"]):
             print("  " + line)
+        print(f"Ray's output and details: {console.log_path}")
         return 0
     result = run_stage(args.command, cfg, layout, force=args.force, folds=getattr(args, "folds", None),
                        num_samples=getattr(args, "num_samples", None))
@@ -177,6 +198,7 @@ def _run(args: argparse.Namespace, cfg, layout: Layout) -> int:
               f"(real-vs-real {result['reference_fd']:.4g})")
         print(f"  next: raysynth train --config {layout.tune / 'best.yaml'}")
     print(f"raysynth {args.command} finished in {time.time() - t0:.0f}s; output in {layout.location}")
+    print(f"Ray's output and details: {console.log_path}")
     return 0
 
 

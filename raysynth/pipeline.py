@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
-from raysynth.artifacts import Layout
+from raysynth.artifacts import QUALITY_JSON, RESULTS, ROBUSTNESS_JSON, TUNE_JSON, Layout
 from raysynth.config import Config
 from raysynth.errors import PrivacyGateError
 from raysynth.stages.prepare import prepare
@@ -43,19 +44,50 @@ _RUNNERS: dict[str, Callable[..., Any]] = {
 }
 
 
-@syncs_output  # an output URI: pull its staging folder before the stage, push it after
+_ARTIFACTS: dict[str, Callable[[Layout], Path]] = {
+    "prepare": lambda layout: layout.prepared,
+    "train": lambda layout: layout.root / "ddpm",
+    "sample": lambda layout: layout.root / "synthetic",
+    "quality": lambda layout: layout.quality / QUALITY_JSON,
+    "study": lambda layout: layout.study / RESULTS,
+    "robustness": lambda layout: layout.robustness / ROBUSTNESS_JSON,
+    "report": lambda layout: layout.report / "report.html",
+    "tune": lambda layout: layout.tune / TUNE_JSON,
+}
+
+
+def artifact_of(name: str, layout: Layout) -> str:
+    """Where stage ``name`` writes, for its end line: a local path, or the URI's counterpart."""
+    path = _ARTIFACTS[name](layout)
+    return f"{layout.remote.rstrip('/')}/{path.relative_to(layout.root).as_posix()}" if layout.remote else str(path)
+
+
 def run_stage(name: str, cfg: Config, layout: Layout, *, force: bool = False, folds: Optional[list[int]] = None,
               num_samples: Optional[int] = None, enforce_gate: bool = True) -> Any:
-    """Run one stage by name; the CLI and the Ray jobs both come through here.
+    """Run one stage by name; the CLI and the Ray jobs both come through here. Logs one line when
+    it starts and one when it ends (its wall time and its artifact, or that it failed).
 
     ``enforce_gate``: after ``quality``, raise :class:`PrivacyGateError` when the gate failed
     (the pipeline defers that to the end of the run, so the report still gets written)."""
     if name not in _RUNNERS:
         raise ValueError(f"unknown stage {name!r}; choose one of {[*STAGES, 'tune']}")
-    result = _RUNNERS[name](cfg, layout, force, folds, num_samples)
+    t0 = time.time()
+    log.info("== %s", name)
+    try:
+        result = _run_synced(name, cfg, layout, force=force, folds=folds, num_samples=num_samples)
+    except BaseException:
+        log.error("== %s failed after %.1fs", name, time.time() - t0)
+        raise
+    log.info("== %s done in %.1fs: %s", name, time.time() - t0, artifact_of(name, layout))
     if name == "quality" and enforce_gate:
         enforce_privacy_gate(result)
     return result
+
+
+@syncs_output  # an output URI: pull its staging folder before the stage, push it after
+def _run_synced(name: str, cfg: Config, layout: Layout, *, force: bool, folds: Optional[list[int]],
+                num_samples: Optional[int]) -> Any:
+    return _RUNNERS[name](cfg, layout, force, folds, num_samples)
 
 
 def run_pipeline(cfg: Config, layout: Layout, *, force: bool = False) -> dict[str, Any]:
@@ -66,10 +98,8 @@ def run_pipeline(cfg: Config, layout: Layout, *, force: bool = False) -> dict[st
     results: dict[str, Any] = {}
     for name in STAGES:
         t0 = time.time()
-        log.info("== %s", name)
         results[name] = run_stage(name, cfg, layout, force=force, enforce_gate=False)
         timings[name] = round(time.time() - t0, 1)
-        log.info("== %s done in %.1fs", name, timings[name])
     outcome = {"report": results["report"], "quality": results["quality"], "timings": timings}
     enforce_privacy_gate(results["quality"], report=layout.report / "report.md", outcome=outcome)
     return outcome

@@ -9,12 +9,17 @@ from raysynth.config import Config
 
 log = logging.getLogger(__name__)
 
-# Ray's own progress bars and chatter make stage logs unreadable in CI and job logs.
+# Ray's own progress bars and chatter make stage logs unreadable in CI and job logs. Tune's new
+# output engine prints its experiment table and "View detailed results here" even at verbose=0;
+# the classic reporter at verbose=0 prints nothing (our stages log their own progress).
 _QUIET_ENV = {
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
     "RAY_DEDUP_LOGS": "1",
+    "RAY_AIR_NEW_OUTPUT": "0",
 }
+_STARTED_HERE = False
+"""Whether :func:`ensure_ray` initialised Ray in this process (so :func:`release_ray` may shut it down)."""
 
 OPENMP_ENV = {"GOMP_SPINCOUNT": "1000"}
 """How long torch's OpenMP threads in a locally started Ray's workers spin at a barrier before they sleep.
@@ -41,6 +46,10 @@ def ensure_ray(cfg: Config) -> None:
     Under ``ray job submit`` the driver runs on the cluster and ``RAY_ADDRESS`` is set for it,
     so the same code serves a laptop and a cloud cluster.
 
+    Workers' output is forwarded to this driver (``log_to_driver``, from every node of a cluster);
+    the command line's :class:`raysynth.console.Console` sends it, with the rest of Ray's output, to
+    ``OUT/logs/ray.log`` rather than the terminal.
+
     A local instance's workers inherit :func:`openmp_env` from this process: libgomp reads it when
     torch is imported, so it must be in a worker's environment before it starts (``set_threads`` runs
     too late). A cluster's nodes keep their own environment: a job-wide ``runtime_env`` would carry
@@ -48,6 +57,7 @@ def ensure_ray(cfg: Config) -> None:
     """
     import ray
 
+    global _STARTED_HERE
     if ray.is_initialized():
         return
     for key, value in _QUIET_ENV.items():
@@ -59,9 +69,24 @@ def ensure_ray(cfg: Config) -> None:
     else:
         os.environ.update(openmp_env())  # before ray.init: the raylet and its workers inherit it
         ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
+    _STARTED_HERE = True
     quiet_ray_logs()
     res = ray.cluster_resources()
     log.info("ray: %s CPU, %s GPU available", res.get("CPU", 0), res.get("GPU", 0))
+
+
+def release_ray() -> None:
+    """Shut Ray down if :func:`ensure_ray` started or joined it here (not a caller's own ``ray.init``):
+    the command line does this before it closes its console, so what Ray prints on the way out
+    (workers stopped with SIGTERM) lands in the log file, not on the terminal."""
+    global _STARTED_HERE
+    if not _STARTED_HERE:
+        return
+    import ray
+
+    _STARTED_HERE = False
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def quiet_ray_logs() -> None:

@@ -1,8 +1,17 @@
-"""Shared fixtures: one local Ray instance per test session, an isolated cohort cache, one torch thread."""
+"""Shared fixtures: one local Ray instance per test session, an isolated cohort cache, one torch thread,
+and the smoke pipeline run once as a user runs it."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -44,3 +53,40 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kill_processes_under(marker: str) -> None:
+    """SIGKILL every process whose command line mentions ``marker`` (a Ray instance's own temp dir)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
+@pytest.fixture(scope="session")
+def smoke_cli(tmp_path_factory, cohort_cache):
+    """``python -m raysynth.cli pipeline --preset smoke --out OUT``, once per session, as a user runs it:
+    a subprocess with its own Ray (its own temp dir, no RAY_ADDRESS, so it neither joins nor disturbs
+    the session's instance), stdout and stderr captured together, not on a terminal.
+    ``test_pipeline_e2e`` checks its artifacts, ``test_console`` its console. Returns ``out``,
+    ``returncode``, ``output`` (the console text) and ``seconds``."""
+    out = tmp_path_factory.mktemp("smoke")
+    ray_tmp = tempfile.mkdtemp(prefix="rsc-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update(RAY_TMPDIR=ray_tmp, RAY_USAGE_STATS_ENABLED="0", RAYSYNTH_CACHE=str(cohort_cache))
+    t0 = time.time()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "raysynth.cli", "pipeline", "--preset", "smoke", "--out", str(out)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=1800)
+        yield SimpleNamespace(out=out, returncode=proc.returncode, output=proc.stdout, seconds=time.time() - t0)
+    finally:
+        kill_processes_under(ray_tmp)  # only if the run left any: it shuts its Ray down itself
+        shutil.rmtree(ray_tmp, ignore_errors=True)

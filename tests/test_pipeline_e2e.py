@@ -19,10 +19,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smoke_run(ray_session, tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke")
-    assert main(["pipeline", "--preset", "smoke", "--out", str(out), "-q"]) == 0
-    return Layout.at(out)
+def smoke_run(ray_session, smoke_cli):
+    """The session's smoke pipeline (conftest.smoke_cli: the CLI in a subprocess, whose console
+    test_console checks); the reruns below go through ``main`` in this process, on the session's Ray."""
+    assert smoke_cli.returncode == 0, smoke_cli.output[-3000:]
+    return Layout.at(smoke_cli.out)
 
 
 def test_every_stage_wrote_its_artifact(smoke_run):

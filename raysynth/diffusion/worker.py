@@ -1,7 +1,8 @@
 """The Ray Train worker that fits one generator: ``train_loop_per_worker(config)``.
 
 Every rank reports at the same steps; rank 0 attaches the checkpoint (training state, EMA
-denoiser and the loss history). A restored run continues at the saved step, and each rank draws
+denoiser and the loss history) and posts its step to the driver's progress bar (``config["progress"]``,
+a :class:`raysynth.console.ProgressBoard` actor, or None). A restored run continues at the saved step, and each rank draws
 its batch from a generator seeded by (seed, fold, rank, step), so a resumed run sees exactly the
 batches an uninterrupted one would have seen. Imports library modules only: this runs in workers.
 """
@@ -20,6 +21,7 @@ import ray.train.torch
 import torch
 
 from raysynth.config import from_dict
+from raysynth.console import post
 from raysynth.data.schema import read_parquet
 from raysynth.diffusion.trainer import GeneratorFit, training_tensors
 from raysynth.runtime import derive_seed, set_threads
@@ -72,18 +74,24 @@ def train_loop_per_worker(config: dict) -> None:
             history = json.loads((Path(path) / "history.json").read_text())
         if rank == 0:
             _say(f"[train fold {name}] resuming at step {start}")
+    if rank == 0:
+        post(config.get("progress"), name, start)  # the driver's bar (raysynth.console.ProgressBoard)
     fit.trained = ray.train.torch.prepare_model(fit.model)  # DDP when there are several workers
     x0, labels = x0.to(device), labels.to(device)
 
     # 4. Loop. Each rank draws its own batch from a generator seeded by (seed, fold, rank, step),
     #    so a resumed run sees exactly the batches an uninterrupted one would have seen.
     loss_ema, t_last = (history[-1]["loss_ema"] if history else None), time.time()
+    t_post = t_last
     for step in range(start, d.train_steps):
         g = torch.Generator(device="cpu").manual_seed(derive_seed(cfg.seed, fold, rank, step))
         idx = torch.randint(0, x0.shape[0], (d.batch_size,), generator=g).to(device)
         value = fit.step(x0[idx], labels[idx], generator=g)
         loss_ema = value if loss_ema is None else 0.95 * loss_ema + 0.05 * value
         done = step + 1
+        if rank == 0 and (time.time() - t_post >= 1.0 or done == d.train_steps):  # about once a second
+            post(config.get("progress"), name, done, loss=loss_ema)
+            t_post = time.time()
         if done % d.log_every and done % d.checkpoint_every and done != d.train_steps:
             continue
         since = done - (history[-1]["step"] if history else start)

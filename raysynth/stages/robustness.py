@@ -40,6 +40,7 @@ from raysynth.artifacts import (
     read_prepared,
 )
 from raysynth.config import Config
+from raysynth.console import Progress, one_line
 from raysynth.data.external import BUILTIN, external_source, load_external
 from raysynth.data.sources import source_signature
 from raysynth.downstream.robust_eval import corrupt_test_part, evaluate_split
@@ -96,18 +97,21 @@ def run_robustness(cfg: Config, layout: Layout, force: bool = False) -> Path:
         ext_ref = ray.put(external)
         refs = {task.remote(cfg.to_dict(), str(layout.root), fold, by_fold[fold], ext_ref): fold for fold in pending}
         start, finished = time.time(), 0
-        while refs:
-            ready, _ = ray.wait(list(refs), num_returns=1)
-            fold = refs.pop(ready[0])
-            try:
-                result = ray.get(ready[0])
-            except Exception as exc:  # the task already had its retries
-                raise StageError(f"robustness: split {fold} failed: {exc}") from exc
-            write_json(folder / f"{fold}.json", {**result, "digest": digest})
-            finished += 1
-            elapsed = time.time() - start
-            log.info("robustness: split %d done (%d/%d, %.0fs, ~%.0fs left, %d networks)", fold, finished,
-                     len(pending), elapsed, elapsed / finished * (len(pending) - finished), len(by_fold[fold]))
+        with Progress("robustness", sum(len(by_fold[f]) for f in pending), "networks") as bar:
+            while refs:
+                ready, _ = ray.wait(list(refs), num_returns=1)
+                fold = refs.pop(ready[0])
+                try:
+                    result = ray.get(ready[0])
+                except Exception as exc:  # the task already had its retries
+                    raise StageError(f"robustness: split {fold} failed: {one_line(exc)}") from exc
+                write_json(folder / f"{fold}.json", {**result, "digest": digest})
+                finished += 1
+                elapsed = time.time() - start
+                bar.note(f"{finished}/{len(pending)} splits")
+                bar.update(len(by_fold[fold]))
+                log.debug("robustness: split %d done (%d/%d, %.0fs, ~%.0fs left, %d networks)", fold, finished,
+                          len(pending), elapsed, elapsed / finished * (len(pending) - finished), len(by_fold[fold]))
     return gather(cfg, layout, fingerprint, digest, external)
 
 

@@ -45,6 +45,7 @@ from raysynth.artifacts import (
     shard_name,
 )
 from raysynth.config import Config
+from raysynth.console import Progress
 from raysynth.data.schema import read_parquet
 from raysynth.design import class_counts, generator_fractions, largest_ratio
 from raysynth.diffusion.sampler import ShardSampler
@@ -138,7 +139,7 @@ def _run_requests(cfg: Config, layout: Layout, requests: list[dict]) -> None:
         totals[name] = totals.get(name, 0) + r["hi"] - r["lo"]
         layout.synthetic(r["fold"], r["fraction"]).mkdir(parents=True, exist_ok=True)
     for name, n in totals.items():
-        log.info("sample: fold %s: %d samples to write", name, n)
+        log.debug("sample: fold %s: %d samples to write", name, n)
     total = sum(totals.values())
     log.info("sample: %d samples in %d shards from %d generator(s) (%s, %d steps%s), %d-%d actors",
              total, len(requests), len(totals), s.sampler, s.steps, ", CPU bf16" if s.cpu_bf16 else "",
@@ -153,12 +154,15 @@ def _run_requests(cfg: Config, layout: Layout, requests: list[dict]) -> None:
     )
     done = dict.fromkeys(totals, 0)
     t0 = time.time()
-    for row in ds.iter_rows():
-        name = f"{int(row['fold'])}{fraction_tag(float(row['fraction']))}"
-        done[name] += int(row["count"])
-        rate = sum(done.values()) / max(time.time() - t0, 1e-9)
-        log.info("sample: fold %s: %d/%d samples (all generators: %d/%d, %.1f/s), wrote %s",
-                 name, done[name], totals[name], sum(done.values()), total, rate, row["shard"])
+    with Progress("sample", total, "samples") as bar:
+        for row in ds.iter_rows():
+            name = f"{int(row['fold'])}{fraction_tag(float(row['fraction']))}"
+            done[name] += int(row["count"])
+            bar.note(", ".join(f"fold {k} {n}/{totals[k]}" for k, n in done.items()))
+            bar.update(int(row["count"]))
+            rate = sum(done.values()) / max(time.time() - t0, 1e-9)
+            log.debug("sample: fold %s: %d/%d samples (all generators: %d/%d, %.1f/s), wrote %s",
+                      name, done[name], totals[name], sum(done.values()), total, rate, row["shard"])
 
 
 def _write_manifest(cfg: Config, layout: Layout, fold: int, meta: dict, counts: dict[int, int], fingerprint: dict,

@@ -21,6 +21,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import pyarrow as pa
 import ray.tune as tune
@@ -42,6 +43,7 @@ from raysynth.artifacts import (
     trial_key,
 )
 from raysynth.config import Config
+from raysynth.console import Progress
 from raysynth.design import Condition, conditions
 from raysynth.downstream.trial import run_trial
 from raysynth.errors import StageError
@@ -83,6 +85,7 @@ def run_study(cfg: Config, layout: Layout, force: bool = False) -> Path:
         ensure_ray(cfg)
         dropped = sorted(dropped_ids(layout, cfg))
         trainable = tune.with_resources(run_trial, {"cpu": st.cpus_per_trial, "gpu": st.gpus_per_trial})
+        writer = TrialWriter(trials_dir, digest, len(pending))
         tuner = tune.Tuner(
             trainable,
             param_space={
@@ -94,10 +97,11 @@ def run_study(cfg: Config, layout: Layout, force: bool = False) -> Path:
             run_config=tune.RunConfig(
                 name=f"study_{digest}", storage_path=str(layout.ray_storage),
                 failure_config=tune.FailureConfig(max_failures=st.max_failures),
-                callbacks=[TrialWriter(trials_dir, digest, len(pending))], verbose=0,
+                callbacks=[writer], verbose=0,
             ),
         )
-        results = tuner.fit()
+        with Progress("study", len(pending), "trials") as writer.bar:
+            results = tuner.fit()
         errors = [r.error for r in results if r.error is not None]
         if errors:
             raise StageError(f"study: {len(errors)} trial(s) failed after {st.max_failures} retries; "
@@ -106,11 +110,11 @@ def run_study(cfg: Config, layout: Layout, force: bool = False) -> Path:
 
 
 class TrialWriter(tune.Callback):
-    """Driver-side Tune callback: persist each finished trial at once, and log progress."""
+    """Driver-side Tune callback: persist each finished trial at once, and count it on ``bar``."""
 
-    def __init__(self, folder: Path, digest: str, total: int) -> None:
+    def __init__(self, folder: Path, digest: str, total: int, bar: Optional[Progress] = None) -> None:
         self.folder, self.digest, self.total, self.done, self.failed = folder, digest, total, 0, 0
-        self.start = time.time()
+        self.start, self.bar = time.time(), bar
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         payload = json.loads(trial.last_result["payload"])
@@ -121,13 +125,19 @@ class TrialWriter(tune.Callback):
         headline = ", ".join(f"{k} {m[k]:.3f}" for k in HEADLINE_METRICS if isinstance(m.get(k), (int, float)))
         elapsed = time.time() - self.start
         eta = elapsed / self.done * (self.total - self.done)
-        log.info("study: %d/%d trials done (%.0fs, ~%.0fs left): %s, real %.0f%%, fold %d, seed %d: %s",
-                 self.done, self.total, elapsed, eta, payload["condition"], 100 * payload["fraction"],
-                 payload["fold"], payload["seed"], headline)
+        log.debug("study: %d/%d trials done (%.0fs, ~%.0fs left): %s, real %.0f%%, fold %d, seed %d: %s",
+                  self.done, self.total, elapsed, eta, payload["condition"], 100 * payload["fraction"],
+                  payload["fold"], payload["seed"], headline)
+        if self.bar is not None:
+            self.bar.note(f"last: {payload['condition']}, fold {payload['fold']}: {headline}"
+                          + (f"; {self.failed} failed" if self.failed else ""))
+            self.bar.update()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.failed += 1
         log.warning("study: trial %s failed for good (after retries); %d failed so far", trial, self.failed)
+        if self.bar is not None:
+            self.bar.update()
 
 
 def gather_results(cfg: Config, layout: Layout, fingerprint: dict) -> Path:

@@ -12,6 +12,10 @@ Shape: ``train_loop_per_worker(config)`` -> ``ScalingConfig`` -> ``TorchTrainer`
 reports at the same steps; rank 0 attaches the checkpoint (EMA weights, training state and the
 loss history). Re-running with the same output folder resumes from the last checkpoint: Ray
 Train restores the run from ``OUT/ray/ddpm_fold_k`` and the loop continues at the saved step.
+
+Progress: rank 0 of every fit posts its step and loss about once a second to one small actor
+(:class:`raysynth.console.ProgressBoard`); a driver thread polls it into one bar over all folds,
+which stays readable however many folds train at once.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from raysynth.artifacts import (
     read_subsets,
 )
 from raysynth.config import Config, from_dict
+from raysynth.console import Progress, follow_board, start_board
 from raysynth.design import generator_fractions, generator_train_ids
 from raysynth.diffusion.worker import train_loop_per_worker
 from raysynth.errors import StageError
@@ -84,21 +89,28 @@ def train_generators(
 
     if jobs:
         ensure_ray(cfg)
-        if cfg.diffusion.parallel_folds and len(jobs) > 1:
-            # The driver-side call of each TorchTrainer blocks, so each fold's fit runs in a
-            # zero-CPU task; the workers themselves reserve the real resources.
-            fit_remote = ray.remote(num_cpus=0)(_fit_fold)
-            slots = fold_slots(cfg)
-            log.info("train: %d generators, at most %d at a time", len(jobs), slots)
-            waiting, running = list(jobs), []
-            while waiting or running:
-                while waiting and len(running) < slots:  # a fit that cannot get workers would time out
-                    running.append(fit_remote.remote(cfg.to_dict(), str(layout.root), waiting.pop(0), fingerprint))
-                done, running = ray.wait(running, num_returns=1)
-                ray.get(done)
-        else:
-            for job in jobs:
-                _fit_fold(cfg.to_dict(), str(layout.root), job, fingerprint)
+        # One bar over every generator's steps: rank 0 of each fit posts its step to a small actor
+        # (console.ProgressBoard) that a driver thread polls; the bar's note is each fold's step and loss.
+        board = start_board()
+        jobs = [{**job, "progress": board} for job in jobs]
+        with Progress("train", len(jobs) * cfg.diffusion.train_steps, "steps") as bar, \
+                follow_board(board, bar, lambda snap: _describe(snap, cfg.diffusion.train_steps)):
+            if cfg.diffusion.parallel_folds and len(jobs) > 1:
+                # The driver-side call of each TorchTrainer blocks, so each fold's fit runs in a
+                # zero-CPU task; the workers themselves reserve the real resources.
+                fit_remote = ray.remote(num_cpus=0)(_fit_fold)
+                slots = fold_slots(cfg)
+                log.info("train: %d generators, at most %d at a time", len(jobs), slots)
+                waiting, running = list(jobs), []
+                while waiting or running:
+                    while waiting and len(running) < slots:  # a fit that cannot get workers would time out
+                        running.append(fit_remote.remote(cfg.to_dict(), str(layout.root), waiting.pop(0), fingerprint))
+                    done, running = ray.wait(running, num_returns=1)
+                    ray.get(done)
+            else:
+                log.info("train: %d generator(s), one at a time", len(jobs))
+                for job in jobs:
+                    _fit_fold(cfg.to_dict(), str(layout.root), job, fingerprint)
     return [read_json(layout.ddpm(f["fold"], p) / GENERATOR_META) for f in splits if f["fold"] in wanted for p in fractions]
 
 
@@ -115,6 +127,15 @@ def fold_slots(cfg: Config) -> int:
     return max(1, slots)
 
 
+def _describe(snapshot: dict[str, dict], steps: int) -> str:
+    """``fold 0 20/30 loss 0.5210, fold 1 ...`` for the folds that have started."""
+    parts = []
+    for name, s in sorted(snapshot.items()):
+        loss = f" loss {s['loss']:.4f}" if isinstance(s.get("loss"), (int, float)) else ""
+        parts.append(f"fold {name} {s['done']}/{steps}{loss}")
+    return ", ".join(parts) or "starting the training workers"
+
+
 def run_name(fold: int, fraction: float = 1.0) -> str:
     return f"ddpm_fold_{fold}{fraction_tag(fraction)}"
 
@@ -127,7 +148,7 @@ def _fit_fold(cfg_dict: dict, root: str, job: dict, fingerprint: dict) -> None:
     fold, fraction, train_ids, test_ids = job["fold"], job["fraction"], job["train_ids"], job["test_ids"]
     name = f"{fold}{fraction_tag(fraction)}"
     t0 = time.time()
-    log.info("train: fold %s: %d real training images, %d steps, %d worker(s)", name, len(train_ids), d.train_steps, d.num_workers)
+    log.debug("train: fold %s: %d real training images, %d steps, %d worker(s)", name, len(train_ids), d.train_steps, d.num_workers)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -138,6 +159,7 @@ def _fit_fold(cfg_dict: dict, root: str, job: dict, fingerprint: dict) -> None:
             "train_ids": train_ids,
             "num_classes": int(fingerprint["num_classes"]),
             "num_mask_classes": _mask_classes(cfg, fingerprint),
+            "progress": job.get("progress"),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=d.num_workers, use_gpu=d.use_gpu, resources_per_worker={"CPU": d.cpus_per_worker, **({"GPU": 1} if d.use_gpu else {})}
@@ -188,7 +210,7 @@ def _fit_fold(cfg_dict: dict, root: str, job: dict, fingerprint: dict) -> None:
         "final_loss": history[-1]["loss_ema"] if history else None,
         "train_seconds": round(time.time() - t0, 1),
     })
-    log.info("train: fold %s done in %.0fs (final loss %.4f)", name, time.time() - t0, history[-1]["loss_ema"] if history else float("nan"))
+    log.debug("train: fold %s done in %.0fs (final loss %.4f)", name, time.time() - t0, history[-1]["loss_ema"] if history else float("nan"))
 
 
 def _mask_classes(cfg: Config, fingerprint: dict) -> int:

@@ -33,6 +33,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raysynth.artifacts import TUNE_FILES, TUNE_JSON, Layout, read_json, read_prepared
 from raysynth.config import Config, ConfigError, TuningConfig
+from raysynth.console import Progress
 from raysynth.design import generator_train_ids, largest_remainder
 from raysynth.diffusion.process import PROCESSES as PROCESS_CLASSES
 from raysynth.diffusion.trainer import training_tensors
@@ -119,23 +120,31 @@ def best_config(cfg: Config, best: dict[str, Any]) -> Config:
 
 
 class _Progress(tune.Callback):
-    """Driver-side: log each finished trial's FD as it ends."""
+    """Driver-side: count each finished trial on ``bar`` and log its FD (in the log file)."""
 
     def __init__(self, total: int, trial_steps: int) -> None:
-        self.total, self.trial_steps, self.done = total, trial_steps, 0
+        self.total, self.trial_steps, self.done, self.best = total, trial_steps, 0, math.inf
+        self.bar: Optional[Progress] = None
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self.done += 1
         r, c = trial.last_result or {}, trial.config
         step = r.get("step", 0)
         how = "diverged" if r.get("diverged") else "completed" if step >= self.trial_steps else "stopped by ASHA"
-        log.info("tune: trial %d/%d %s at step %d: %s gamma=%s lr=%.2e: fd %.4g (best %.4g)", self.done, self.total,
-                 how, step, c["process"], f"{c['gamma']:.3g}" if c["process"] == "gamma" else "-",
-                 c["learning_rate"], r.get("fd", float("nan")), r.get("best_fd", float("nan")))
+        log.debug("tune: trial %d/%d %s at step %d: %s gamma=%s lr=%.2e: fd %.4g (best %.4g)", self.done, self.total,
+                  how, step, c["process"], f"{c['gamma']:.3g}" if c["process"] == "gamma" else "-",
+                  c["learning_rate"], r.get("fd", float("nan")), r.get("best_fd", float("nan")))
+        if self.bar is not None:
+            fd = r.get("best_fd", float("nan"))
+            self.best = min(self.best, fd) if math.isfinite(fd) else self.best
+            self.bar.note(f"last {how} at step {step}" + (f", best FD {self.best:.4g}" if math.isfinite(self.best) else ""))
+            self.bar.update()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.done += 1
         log.warning("tune: trial %d/%d failed: %s", self.done, self.total, trial.config)
+        if self.bar is not None:
+            self.bar.update()
 
 
 def tune_digest(cfg: Config, s: dict[str, Any]) -> str:
@@ -202,6 +211,7 @@ def search(cfg: Config, layout: Layout, *, settings: Optional[dict] = None, forc
             "num_mask_classes": n_mask}
     trainable = tune.with_resources(tune.with_parameters(tune_trial, data=data),
                                     {"cpu": s["cpus_per_trial"], "gpu": s["gpus_per_trial"]})
+    progress = _Progress(s["num_samples"], s["trial_steps"])
     asha = ASHAScheduler(time_attr="step", metric="fd", mode="min", max_t=s["trial_steps"],
                          grace_period=s["grace_period"], reduction_factor=s["reduction_factor"])
     tuner = tune.Tuner(
@@ -211,9 +221,11 @@ def search(cfg: Config, layout: Layout, *, settings: Optional[dict] = None, forc
                                     max_concurrent_trials=s["max_concurrent_trials"] or None, reuse_actors=True,
                                     trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
         run_config=tune.RunConfig(name=f"tune_{digest}", storage_path=str(layout.ray_storage), verbose=0,
-                                  callbacks=[_Progress(s["num_samples"], s["trial_steps"])]),
+                                  callbacks=[progress]),
     )
-    rows = [_row(r, s) for r in tuner.fit()]
+    with Progress("tune", s["num_samples"], "trials") as progress.bar:
+        results = tuner.fit()
+    rows = [_row(r, s) for r in results]
     ranked = sorted((r for r in rows if math.isfinite(r["best_fd"])), key=lambda r: r["best_fd"])
     if not ranked:
         raise StageError(f"tune: no trial produced a finite FD ({[r['status'] for r in rows]}); see {layout.ray_storage}")
