@@ -51,6 +51,8 @@ GENERATOR_META = "config.json"
 TRAIN_IDS = "train_ids.json"
 LOSS_HISTORY = "metrics.jsonl"
 MANIFEST = "manifest.json"
+CURATION = "curation.json"
+"""Beside a manifest when ``sampling.curate`` is set: every sample's score and the ids dropped."""
 SHARD_RE = re.compile(r"^part-c(?P<c>\d+)-(?P<lo>\d{7})-(?P<hi>\d{7})\.parquet$")
 QUALITY_JSON = "quality.json"
 DROPPED_JSON = "dropped.json"
@@ -184,9 +186,10 @@ def generator_digest(cfg: Config, fraction: float = 1.0) -> str:
 
 def sampling_digest(cfg: Config) -> str:
     """What changes the samples themselves. Size fields are excluded on purpose: changing the count
-    grows or shrinks a set in place. cpu_bf16 counts (only when set: see Config.section_digest)."""
+    grows or shrinks a set in place, and curation filters a set without changing it. cpu_bf16 and
+    guidance_scale count (only when set: see Config.section_digest)."""
     s = cfg.sampling
-    kept = type(s)(sampler=s.sampler, steps=s.steps, seed=s.seed, cpu_bf16=s.cpu_bf16)
+    kept = type(s)(sampler=s.sampler, steps=s.steps, seed=s.seed, cpu_bf16=s.cpu_bf16, guidance_scale=s.guidance_scale)
     return Config(diffusion=cfg.diffusion, sampling=kept).section_digest("sampling")
 
 
@@ -359,10 +362,42 @@ def read_manifest(layout: Layout, fold: int, fraction: float = 1.0, cfg: Optiona
     return manifest
 
 
+def curation_digest(cfg: Config, manifest: dict) -> str:
+    """What a curation record depends on: the set (its generator, sampling config and sample
+    checksums), the curation settings, and the study network the curator is."""
+    st = cfg.study
+    blob = json.dumps({
+        "generator": manifest.get("generator_id"), "sampling": manifest.get("sampling_digest"),
+        "samples": hashlib.sha256("".join(str(s.get("checksum")) for s in manifest.get("samples", [])).encode()).hexdigest(),
+        "curate": cfg.sampling.curate.model_dump() if cfg.sampling.curate else None,
+        "network": [st.epochs, st.batch_size, st.lr_for(cfg.data.task), st.width], "seed": cfg.seed,
+    }, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def read_curation(layout: Layout, fold: int, fraction: float = 1.0, cfg: Optional[Config] = None) -> Optional[dict]:
+    """The (fold, fraction)'s ``curation.json``, or None when it has none. With ``cfg`` (which sets
+    ``sampling.curate``), one made for another set or config is an error."""
+    path = layout.synthetic(fold, fraction) / CURATION
+    if not path.is_file():
+        if cfg is not None and cfg.sampling.curate is not None:
+            raise StageError(f"the synthetic set of fold {fold}{fraction_tag(fraction)} is not curated; "
+                             "rerun `raysynth sample`")
+        return None
+    record = read_json(path)
+    if cfg is not None:
+        manifest = read_manifest(layout, fold, fraction)
+        if manifest is None or record.get("digest") != curation_digest(cfg, manifest):
+            raise StageError(f"the curation of fold {fold}{fraction_tag(fraction)} was made for another set or "
+                             "config; rerun `raysynth sample`")
+    return record
+
+
 def read_synthetic(layout: Layout, fold: int, exclude: Optional[set[str]] = None, fraction: float = 1.0,
                    cfg: Optional[Config] = None) -> Optional[ImageSet]:
     """The (fold, fraction)'s synthetic set as listed in its manifest, minus ``exclude`` ids (None if empty).
-    With ``cfg``, checked as in :func:`read_manifest`."""
+    With ``cfg``, checked as in :func:`read_manifest`, and when it sets ``sampling.curate`` the
+    samples curation dropped are left out too."""
     folder = layout.synthetic(fold, fraction)
     manifest = read_manifest(layout, fold, fraction, cfg)
     if manifest is None:
@@ -370,8 +405,10 @@ def read_synthetic(layout: Layout, fold: int, exclude: Optional[set[str]] = None
                          "run `raysynth sample` first")
     if not manifest["shards"]:
         return None
+    curated = read_curation(layout, fold, fraction, cfg) if cfg is not None and cfg.sampling.curate else None
+    exclude = (exclude or set()) | set(curated["dropped"] if curated else [])
     data = read_parquet([folder / s for s in manifest["shards"]])
-    wanted = {s["id"] for s in manifest["samples"]} - (exclude or set())
+    wanted = {s["id"] for s in manifest["samples"]} - exclude
     keep = [i for i, sid in enumerate(data.ids) if sid in wanted]
     return data.select(keep) if keep else None
 

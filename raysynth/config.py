@@ -24,7 +24,7 @@ from raysynth.presets import PRESETS, preset_names
 __all__ = [
     "OPT_IN_FIELDS", "ConfigError", "Dims", "Task", "Process", "Sampler", "Denoise", "BadFilePolicy", "Encoder",
     "ClassBalance", "CorruptionName", "DataConfig", "CVConfig", "DiffusionConfig", "SamplingConfig", "StudyConfig",
-    "QualityConfig", "RobustnessConfig", "TuningConfig", "RayConfig", "Config", "PRESETS", "preset_names",
+    "CurateConfig", "QualityConfig", "RobustnessConfig", "TuningConfig", "RayConfig", "Config", "PRESETS", "preset_names",
     "load_config", "apply_override", "from_dict", "section_from_dict",
 ]
 
@@ -32,7 +32,7 @@ OPT_IN_FIELDS: dict[str, Any] = {
     "diffusion.cpu_bf16": False, "sampling.cpu_bf16": False,
     "diffusion.prediction_type": "epsilon", "diffusion.zero_terminal_snr": False, "diffusion.snr_gamma": None,
     "diffusion.class_dropout": 0.0, "diffusion.flow_timesteps": "logit_normal", "sampling.guidance_scale": 1.0,
-    "tune.flow_sampler": "euler",
+    "tune.flow_sampler": "euler", "sampling.curate": None,
 }
 """Settings added after artifacts existed, with their defaults: a field enters a digest only when it
 differs from its default, so artifacts made before it existed stay current."""
@@ -298,6 +298,20 @@ class DiffusionConfig(_Model):
         return self
 
 
+class CurateConfig(_Model):
+    """A per-fold filter of synthetic samples, judged by a network trained on that fold's real
+    training part only (the one the samples are added to; never a test part)."""
+
+    threshold: _Float = Field(0.5, ge=0, le=1)
+    """Classification: the least probability the curator gives a sample's conditioning label.
+    Segmentation: the least Dice between the curator's mask and the generated mask."""
+    oversample: _Float = Field(2.0, ge=1)
+    """Sample this many times what the largest study ratio needs, so that ratios still find enough
+    kept samples; an arm short of kept samples trains on those there are, and its trials say so."""
+    epochs: Optional[int] = Field(None, ge=1)
+    """The curator's training epochs (default: study.epochs); its network is the study's."""
+
+
 class SamplingConfig(_Model):
     """Ray Data fan-out of sample requests to model-holding actors."""
 
@@ -318,6 +332,9 @@ class SamplingConfig(_Model):
     guidance_scale: _Float = Field(1.0, ge=0)
     """Classifier-free guidance: eps_uncond + w (eps_cond - eps_uncond). 1: the conditional model alone
     (no extra cost); 0: unconditional; above 1 needs a generator trained with diffusion.class_dropout > 0."""
+    curate: Optional[CurateConfig] = None
+    """Keep only synthetic samples a network trained on the fold's real training part agrees with
+    (``synthetic/fold_k/curation.json``); null: keep every sample."""
     write_nifti: bool = True
     """3D only: also write one .nii.gz per sample (2D writes Parquet only)."""
     cpu_bf16: bool = False
@@ -657,10 +674,12 @@ def _set(tree: dict[str, Any], item: str) -> dict[str, Any]:
     node = tree
     parts = key.split(".")
     for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, dict) and part in node and node[part] is None and depth > 0:
+            node[part] = {}  # an optional section that is off (sampling.curate): setting a key turns it on
         if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
             raise ConfigError(f"{'.'.join(parts[: depth + 1])}: unknown config section")
         node = node[part]
-    if parts[-1] not in node:
+    if parts[-1] not in node and node != {}:
         raise ConfigError(f"{key}: unknown config key; valid keys here: {sorted(node)}")
     node[parts[-1]] = value
     return tree

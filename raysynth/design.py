@@ -202,15 +202,20 @@ def synthetic_counts(real_counts: dict[int, int], ratio: float, class_balance: s
     return {c: int(round(ratio * real_counts[c])) for c in sorted(real_counts)}
 
 
-def first_per_class(synthetic, counts: dict[int, int]):
+def first_per_class(synthetic, counts: dict[int, int], curated: bool = False):
     """The samples with index ``j < counts[c]`` of each class c (an ImageSet), or None if empty.
 
     Raises StageError when the sampled set is smaller than asked: the arm would silently run at
-    a lower ratio than it claims.
+    a lower ratio than it claims. A ``curated`` set has gaps where curation dropped samples: it
+    gives the first ``counts[c]`` kept samples of each class in index order (so ratios still nest),
+    or all of them when fewer were kept; the caller records the shortfall.
     """
     keep = []
     for c, n in counts.items():
         have = sorted((sample_index(sid), i) for i, sid in enumerate(synthetic.ids) if int(synthetic.labels[i]) == c)
+        if curated:
+            keep += [i for _, i in have[:n]]
+            continue
         if len(have) < n or (n and have[n - 1][0] != n - 1):
             raise StageError(f"study: class {c} needs synthetic samples 0..{n - 1}, but only {len(have)} were sampled; "
                              f"rerun `raysynth sample` (it samples at the largest study ratio)")

@@ -23,10 +23,10 @@ BASE = {"config", "presets", "io", "errors", "runtime", "storage", "console", "_
 LIBRARY = {"diffusion", "quality", "downstream", "analysis", "render", "design", "status"}
 WORKER_MODULES = {
     "raysynth.diffusion.worker", "raysynth.diffusion.sampler", "raysynth.diffusion.tune_trial",
-    "raysynth.downstream.trial", "raysynth.downstream.robust_eval",
+    "raysynth.downstream.trial", "raysynth.downstream.robust_eval", "raysynth.downstream.curate",
 }
 """What Ray runs in workers and actors: the Train loop, the sampling actor, the tune and study
-trials and the robustness task."""
+trials, the robustness task and the curation task."""
 
 
 def module_name(path: Path) -> str:

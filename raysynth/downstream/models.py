@@ -248,23 +248,14 @@ def fit_and_evaluate(
     Returned keys: see :class:`TrainResult`; ``metrics`` comes from ``metrics.py``.
     """
     _validate(task, train, test, num_classes, num_mask_classes, epochs, batch_size, learning_rate, width)
-    seg = task == "segmentation"
     dev = torch.device(device)
     # fork_rng restores the caller's RNG state afterwards; the seed alone fixes init and dropout.
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(seed)
-        spec = NetworkSpec(task, train.dims, num_mask_classes if seg else num_classes, width, train.num_channels)
-        model = spec.build().to(dev)
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True) if seg else nn.CrossEntropyLoss()
-
         start = time.perf_counter()
-        pretrain_history: list[float] = []
-        if pretrain is not None and len(pretrain) > 0:
-            # synthetic_pretrain: the whole schedule on synthetic data, then a fresh one on real data.
-            pretrain_history = _train_epochs(model, pretrain, seg, loss_fn, epochs, batch_size, learning_rate,
-                                             weight_decay, seed + 1, dev, augment, None, "pretrain")
-        history = _train_epochs(model, train, seg, loss_fn, epochs, batch_size, learning_rate, weight_decay, seed, dev,
-                                augment, progress, "train")
+        model, spec, history, pretrain_history = _fit(
+            task, train, num_classes=num_classes, num_mask_classes=num_mask_classes, epochs=epochs,
+            batch_size=batch_size, learning_rate=learning_rate, width=width, seed=seed, dev=dev, augment=augment,
+            progress=progress, weight_decay=weight_decay, pretrain=pretrain)
         n = len(train)
         train_seconds = time.perf_counter() - start
 
@@ -282,6 +273,40 @@ def fit_and_evaluate(
         test_ids=list(test.ids), train_size=n, test_size=len(test), epochs=epochs,
         train_seconds=train_seconds, eval_seconds=eval_seconds, loss_history=history,
     ).to_dict() | ({"pretrain_size": len(pretrain), "pretrain_loss_history": pretrain_history} if pretrain is not None else {})
+
+
+def train_network(task: str, train: ImageSet, *, num_classes: int, num_mask_classes: Optional[int], epochs: int,
+                  batch_size: int, learning_rate: float, width: int, seed: int, device: str = "cpu",
+                  weight_decay: float = 1e-4) -> nn.Module:
+    """A fresh network of the study's kind trained on ``train`` as :func:`fit_and_evaluate` trains it
+    (same seed, same network), in eval mode; nothing is scored. The caller's RNG state is kept."""
+    _validate(task, train, train, num_classes, num_mask_classes, epochs, batch_size, learning_rate, width)
+    dev = torch.device(device)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        model, *_ = _fit(task, train, num_classes=num_classes, num_mask_classes=num_mask_classes, epochs=epochs,
+                         batch_size=batch_size, learning_rate=learning_rate, width=width, seed=seed, dev=dev,
+                         augment=None, progress=None, weight_decay=weight_decay, pretrain=None)
+    return model.eval()
+
+
+def _fit(task: str, train: ImageSet, *, num_classes: int, num_mask_classes: Optional[int], epochs: int,
+         batch_size: int, learning_rate: float, width: int, seed: int, dev: torch.device,
+         augment: Optional[Callable], progress: Optional[Callable[[dict], None]], weight_decay: float,
+         pretrain: Optional[ImageSet]) -> tuple[nn.Module, NetworkSpec, list[float], list[float]]:
+    """Seed, build and train (optionally pretraining first); inside the caller's ``fork_rng``."""
+    seg = task == "segmentation"
+    torch.manual_seed(seed)
+    spec = NetworkSpec(task, train.dims, num_mask_classes if seg else num_classes, width, train.num_channels)
+    model = spec.build().to(dev)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True) if seg else nn.CrossEntropyLoss()
+    pretrain_history: list[float] = []
+    if pretrain is not None and len(pretrain) > 0:
+        # synthetic_pretrain: the whole schedule on synthetic data, then a fresh one on real data.
+        pretrain_history = _train_epochs(model, pretrain, seg, loss_fn, epochs, batch_size, learning_rate,
+                                         weight_decay, seed + 1, dev, augment, None, "pretrain")
+    history = _train_epochs(model, train, seg, loss_fn, epochs, batch_size, learning_rate, weight_decay, seed, dev,
+                            augment, progress, "train")
+    return model, spec, history, pretrain_history
 
 
 def _train_epochs(model: nn.Module, data: ImageSet, seg: bool, loss_fn, epochs: int, batch_size: int,

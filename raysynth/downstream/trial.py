@@ -37,7 +37,9 @@ from raysynth.runtime import set_threads
 
 def trial_data(cfg: Config, layout: Layout, trial: dict, dropped: set[str]):
     """``(train, test, n_real, n_synthetic, pretrain)`` of one trial, following ``design``; ``pretrain``
-    is the synthetic set of a pretraining arm (else None)."""
+    is the synthetic set of a pretraining arm (else None). With ``sampling.curate`` the pool holds
+    only kept samples, and an arm short of them trains on those there are (``n_synthetic`` says how
+    many)."""
     condition = Condition(trial["arm"], trial["ratio"])
     fold, fraction = int(trial["fold"]), float(trial["fraction"])
     records, fingerprint, splits = read_prepared(layout, cfg)
@@ -49,9 +51,12 @@ def trial_data(cfg: Config, layout: Layout, trial: dict, dropped: set[str]):
         pool = read_synthetic(layout, fold, fraction=fraction, cfg=cfg)
         real_counts = {c: int((real.labels == c).sum()) for c in range(int(fingerprint["num_classes"]))}
         wanted = synthetic_counts(real_counts, condition.ratio, cfg.sampling.class_balance)
+        if pool is None and cfg.sampling.curate is not None:
+            raise StageError(f"study: curation kept no synthetic sample of fold {fold}{fraction_tag(fraction)}; "
+                             "lower sampling.curate.threshold")
         if pool is None:
             raise StageError(f"study: fold {fold}{fraction_tag(fraction)} has no synthetic samples; run `raysynth sample`")
-        synthetic = first_per_class(pool, wanted)
+        synthetic = first_per_class(pool, wanted, curated=cfg.sampling.curate is not None)
         # Ids the privacy gate dropped leave after the selection, so ratio r stays a prefix.
         if synthetic is not None and dropped:
             keep = [i for i, sid in enumerate(synthetic.ids) if sid not in dropped]

@@ -144,13 +144,26 @@ def _comparison_table(report: dict) -> Table:
 
 def _generator_table(report: dict) -> Table:
     rows = []
+    curated = any((report["synthetic"].get(name) or {}).get("curation") for name in report["generators"])
     for name, g in report["generators"].items():
         syn = report["synthetic"].get(name, {})
-        rows.append((f"split {name}", pct(g.get("fraction", 1.0)), str(g["num_train_images"]), str(g["steps"]),
-                     fmt(g.get("final_loss"), 4), str(syn.get("num_samples", 0)),
-                     ", ".join(f"{k} {v}" for k, v in (syn.get("counts") or {}).items())))
-    return Table(("generator", "real data", "real training images", "steps", "final loss", "synthetic samples",
-                  "per class"), tuple(rows))
+        row = (f"split {name}", pct(g.get("fraction", 1.0)), str(g["num_train_images"]), str(g["steps"]),
+               fmt(g.get("final_loss"), 4), str(syn.get("num_samples", 0)),
+               ", ".join(f"{k} {v}" for k, v in (syn.get("counts") or {}).items()))
+        if curated:
+            cur = syn.get("curation") or {}
+            row += (f"{cur.get('num_kept', '?')} ({', '.join(f'{k} {v}' for k, v in (cur.get('kept') or {}).items())})"
+                    if cur else "not curated",)
+        rows.append(row)
+    header = ("generator", "real data", "real training images", "steps", "final loss", "synthetic samples", "per class")
+    if not curated:
+        return Table(header, tuple(rows))
+    thresholds = sorted({fmt((report["synthetic"][n].get("curation") or {}).get("threshold")) for n in report["generators"]
+                         if n in report["synthetic"]})
+    return Table((*header, "kept by curation"), tuple(rows),
+                 f"curation (sampling.curate): a sample is kept when a network trained on the generator's own real "
+                 f"training part scores it at least {', '.join(thresholds)} (classification: the probability of its "
+                 "label; segmentation: Dice with its generated mask); study arms draw from the kept samples only")
 
 
 def _quality_blocks(q: dict) -> list[Block]:

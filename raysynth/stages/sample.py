@@ -32,9 +32,11 @@ import pyarrow.parquet as pq
 import ray
 
 from raysynth.artifacts import (
+    CURATION,
     MANIFEST,
     SHARD_RE,
     Layout,
+    curation_digest,
     existing_shards,
     fraction_tag,
     generator_meta,
@@ -49,6 +51,7 @@ from raysynth.console import Progress
 from raysynth.data.schema import read_parquet
 from raysynth.design import class_counts, generator_fractions, largest_ratio
 from raysynth.diffusion.sampler import ShardSampler
+from raysynth.downstream.curate import curate_generator
 from raysynth.io import write_json
 from raysynth.render.figures import save_grid
 from raysynth.runtime import ensure_ray
@@ -94,6 +97,8 @@ def sample_synthetic(
     manifests: list[Optional[dict[str, Any]]] = []
     pending: list[tuple[int, int, float, dict, dict[int, int]]] = []  # (slot in manifests, fold, fraction, meta, counts)
     requests: list[dict] = []
+    # Curation drops samples, so it samples more than the study's largest ratio needs.
+    oversample = cfg.sampling.curate.oversample if cfg.sampling.curate and num_samples is None else 1.0
     for k in wanted:
         for p in generator_fractions(cfg):
             name = f"{k}{fraction_tag(p)}"
@@ -109,7 +114,7 @@ def sample_synthetic(
             real_counts = {c: 0 for c in range(int(fingerprint["num_classes"]))}
             for rid in subsets[k][p]:
                 real_counts[labels_by_id[rid]] += 1
-            counts = class_counts(cfg, real_counts, num_samples, ratio=largest_ratio(cfg))
+            counts = class_counts(cfg, real_counts, num_samples, ratio=largest_ratio(cfg) * oversample)
             todo = plan_requests(counts, existing_shards(out), cfg.sampling.shard_size)
             named_counts = {fingerprint["class_names"][c]: n for c, n in counts.items()}
             if not todo and old is not None and not stale and not force and old.get("counts") == named_counts:
@@ -125,7 +130,49 @@ def sample_synthetic(
     # none to mislead a rerun, which plans from the shard files alone.
     for slot, k, p, meta, counts in pending:
         manifests[slot] = _write_manifest(cfg, layout, k, meta, counts, fingerprint, p)
-    return manifests  # type: ignore[return-value]  # every slot is filled
+    return _curate_sets(cfg, layout, manifests, fingerprint)  # type: ignore[arg-type]  # every slot is filled
+
+
+def _curate_sets(cfg: Config, layout: Layout, manifests: list[dict[str, Any]], fingerprint: dict) -> list[dict[str, Any]]:
+    """``sampling.curate``: score every set whose curation is missing or outdated, one Ray task per
+    generator (its curator trains on that generator's real subset), write ``curation.json`` and a
+    summary into the manifest. Without it, an earlier curation is removed."""
+    if cfg.sampling.curate is None:
+        for m in manifests:
+            if m.get("curation"):
+                (layout.synthetic(m["fold"], m["fraction"]) / CURATION).unlink(missing_ok=True)
+                m.pop("curation")
+                write_json(layout.synthetic(m["fold"], m["fraction"]) / MANIFEST, m)
+        return manifests
+    todo = [m for m in manifests
+            if not (layout.synthetic(m["fold"], m["fraction"]) / CURATION).is_file()
+            or (m.get("curation") or {}).get("digest") != curation_digest(cfg, m)]
+    if not todo:
+        return manifests
+    ensure_ray(cfg)
+    st = cfg.study
+    task = ray.remote(curate_generator).options(num_cpus=st.cpus_per_trial, num_gpus=st.gpus_per_trial, max_retries=1)
+    refs = {task.remote(cfg.to_dict(), str(layout.root), m["fold"], m["fraction"]): m for m in todo}
+    names = fingerprint["class_names"]
+    with Progress("curate", len(refs), "sets") as bar:
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            m = refs.pop(ready[0])
+            record = ray.get(ready[0])
+            out = layout.synthetic(m["fold"], m["fraction"])
+            write_json(out / CURATION, record)
+            m["curation"] = {
+                "digest": record["digest"], "threshold": record["threshold"], "score": record.get("score"),
+                "epochs": record["epochs"], "num_trained_on": len(record["trained_on"]),
+                "num_scored": record["num_scored"], "num_kept": record["num_kept"],
+                "kept": {names[int(c)]: v["kept"] for c, v in record["per_class"].items()},
+                "score_quantiles": record.get("score_quantiles", {}),
+            }
+            write_json(out / MANIFEST, m)
+            log.info("sample: curated fold %d%s: kept %d of %d (threshold %.2f)", m["fold"], fraction_tag(m["fraction"]),
+                     record["num_kept"], record["num_scored"], record["threshold"])
+            bar.update()
+    return manifests
 
 
 def _run_requests(cfg: Config, layout: Layout, requests: list[dict]) -> None:
