@@ -350,7 +350,7 @@ DEFAULT_PLAIN = {
                   "log_every": 50, "cpu_bf16": False},
     "sampling": {"sampler": "ddim", "steps": 25, "ratio": 1.0, "num_samples": None, "class_balance": "balanced",
                  "batch_size": 32, "shard_size": 128, "min_actors": 1, "max_actors": 2, "cpus_per_actor": 1,
-                 "gpus_per_actor": 0.0, "seed": 1234, "guidance_scale": 1.0, "write_nifti": True, "cpu_bf16": False},
+                 "gpus_per_actor": 0.0, "seed": 1234, "guidance_scale": 1.0, "curate": None, "write_nifti": True, "cpu_bf16": False},
     "study": {"arms": ["baseline", "synthetic"], "ratios": None, "real_fractions": [1.0], "seeds": [0, 1],
               "epochs": 15, "batch_size": 32, "learning_rate": None, "width": 16, "cpus_per_trial": 1,
               "gpus_per_trial": 0.0, "max_failures": 1, "primary_metric": "balanced_accuracy"},
