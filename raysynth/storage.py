@@ -20,6 +20,10 @@ The staging folder is ``$RAYSYNTH_STAGING/<name>-<hash of the URI>`` (default
 ``~/.cache/raysynth/staging``). On a multi-node cluster it must be on storage every node sees
 (cluster.yaml and k8s/rayjob.yaml put it on a shared mount): workers write checkpoints and shards
 into it, and only the driver talks to the bucket. One run per URI at a time.
+
+``logs/`` is not synchronised: it is the log of the machine that ran the command (each machine
+appends to its own while the stages it runs push their artifacts), not an artifact. The console
+names its path in the staging folder.
 """
 
 from __future__ import annotations
@@ -48,6 +52,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 # Filesystems without real folders: writing a key needs no parent, and create_dir would only add
 # empty marker objects to the bucket.
 _OBJECT_STORES = frozenset({"s3", "gcs", "abfs"})
+# Top-level folders of the output that stay on the machine that wrote them (see the module docstring).
+LOCAL_ONLY = ("logs/",)
+
+
+def _synced(rel: str) -> bool:
+    return not rel.startswith(LOCAL_ONLY)
 
 
 class StorageError(RaysynthError, OSError):
@@ -116,7 +126,8 @@ class RemoteOutput:
         for info in infos:
             if info.type == pafs.FileType.File:
                 rel = info.path[len(self.base):].lstrip("/")
-                out[rel] = (int(info.size), info.mtime_ns)
+                if _synced(rel):
+                    out[rel] = (int(info.size), info.mtime_ns)
         return out
 
     def _local_files(self) -> dict[str, Signature]:
@@ -132,7 +143,9 @@ class RemoteOutput:
                     st = path.stat()
                 except FileNotFoundError:  # a dangling link
                     continue
-                out[path.relative_to(self.staging).as_posix()] = (st.st_size, st.st_mtime_ns)
+                rel = path.relative_to(self.staging).as_posix()
+                if _synced(rel):
+                    out[rel] = (st.st_size, st.st_mtime_ns)
         return out
 
     def _load_state(self) -> dict[str, dict[str, list]]:

@@ -22,8 +22,9 @@ def _write(root: Path, files: dict[str, bytes]) -> None:
         (root / rel).write_bytes(data)
 
 
-def _tree(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+def _tree(root: Path, skip: str = "\0") -> dict[str, bytes]:
+    return {rel: p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and not (rel := p.relative_to(root).as_posix()).startswith(skip)}
 
 
 def _mtimes(root: Path) -> dict[str, int]:
@@ -173,12 +174,13 @@ def test_cli_prepare_writes_to_the_uri_and_a_fresh_machine_resumes(tmp_path, mon
     for rel in ("prepared/data.parquet", "prepared/fingerprint.json", "prepared/splits.json"):
         assert (target / rel).is_file(), rel
     staged = staging_dir(uri)
-    assert _tree(staged) == _tree(target)
+    assert (staged / "logs" / "ray.log").is_file() and not (target / "logs").exists()  # the log stays local
+    assert _tree(staged, skip="logs/") == _tree(target)
 
     pushed = _mtimes(target)
     monkeypatch.setenv("RAYSYNTH_STAGING", str(tmp_path / "machine-b"))  # a fresh machine, same URI
     assert main(["prepare", "--preset", "smoke", "--out", uri, "-q"]) == 0
-    assert _tree(staging_dir(uri)) == _tree(target)
+    assert _tree(staging_dir(uri), skip="logs/") == _tree(target)
     assert _mtimes(target) == pushed  # prepare found its artifact complete: nothing redone, nothing re-pushed
 
 
