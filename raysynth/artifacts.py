@@ -2,6 +2,7 @@
 
 ```
 OUT/prepared/    data.parquet, fingerprint.json, splits.json, subsets.json (scarcity curve)
+OUT/autoencoder/fold_k/ checkpoint/, autoencoder.json, train_ids.json, metrics.jsonl   (latent space only)
 OUT/ddpm/fold_k/ checkpoint/, config.json, train_ids.json, metrics.jsonl
 OUT/synthetic/fold_k/ part-*.parquet, nifti/*.nii.gz, manifest.json, grid_*.png
 OUT/quality/     quality.json, dropped.json, figures
@@ -49,6 +50,8 @@ CHECKPOINT_DIR = "checkpoint"
 GENERATOR_META = "config.json"
 """Written last by train: its presence with a matching digest marks a generator complete."""
 TRAIN_IDS = "train_ids.json"
+AUTOENCODER_META = "autoencoder.json"
+"""Written last by the autoencoder stage: fold, fraction, digest, scale factor, latent shape."""
 LOSS_HISTORY = "metrics.jsonl"
 MANIFEST = "manifest.json"
 CURATION = "curation.json"
@@ -110,6 +113,10 @@ class Layout:
     def subsets(self) -> Path:
         """Nested real-data subsets of every fold's training part, one per real fraction (prepare)."""
         return self.prepared / "subsets.json"
+
+    # autoencoder (latent space)
+    def autoencoder(self, fold: int, fraction: float = 1.0) -> Path:
+        return self.root / "autoencoder" / f"fold_{fold}{fraction_tag(fraction)}"
 
     # train
     def ddpm(self, fold: int, fraction: float = 1.0) -> Path:
@@ -178,9 +185,21 @@ def prepared_digest(cfg: Config) -> str:
     return cfg.section_digest("data", "cv")
 
 
+def autoencoder_digest(cfg: Config, fraction: float = 1.0) -> str:
+    """An autoencoder is stale when the data, the splits, its section, its subset, or what picks
+    its training images (``diffusion.max_train_images``, the seed) change."""
+    blob = json.dumps({"sections": cfg.section_digest("data", "cv", "autoencoder"), "seed": cfg.seed,
+                       "max_train_images": cfg.diffusion.max_train_images}, sort_keys=True).encode()
+    base = hashlib.sha256(blob).hexdigest()[:16]
+    return base if fraction == 1.0 else f"{base}{fraction_tag(fraction)}"
+
+
 def generator_digest(cfg: Config, fraction: float = 1.0) -> str:
-    """A generator is stale when the data, the splits, the diffusion config or its subset change."""
+    """A generator is stale when the data, the splits, the diffusion config or its subset change,
+    and in latent space when its autoencoder does."""
     base = cfg.section_digest("data", "cv", "diffusion")  # opt-in fields count only when set
+    if cfg.diffusion.space == "latent":
+        base = hashlib.sha256(f"{base}/{autoencoder_digest(cfg)}".encode()).hexdigest()[:16]
     return base if fraction == 1.0 else f"{base}{fraction_tag(fraction)}"
 
 
@@ -276,6 +295,43 @@ def read_subsets(layout: Layout, cfg: Config) -> dict[int, dict[float, list[str]
     return out
 
 
+# ---- autoencoder (latent space) -------------------------------------------------------------------
+
+def autoencoder_complete(cfg: Config, layout: Layout, fold: int, fraction: float = 1.0) -> bool:
+    folder = layout.autoencoder(fold, fraction)
+    meta = folder / AUTOENCODER_META
+    if not meta.is_file() or not (folder / CHECKPOINT_DIR).is_dir():
+        return False
+    return read_json(meta).get("digest") == autoencoder_digest(cfg, fraction)
+
+
+def read_autoencoder(layout: Layout, cfg: Config, fold: int, fraction: float = 1.0) -> dict:
+    """The meta of the autoencoder of a (fold, fraction), checked to be that fold's and current for
+    ``cfg``; ``meta["path"]`` is its exported network. An autoencoder of another fold (it saw that
+    fold's test part, which may be this fold's training part, or the reverse) or of another config
+    is a :class:`StageError`."""
+    folder = layout.autoencoder(fold, fraction)
+    path = folder / AUTOENCODER_META
+    name = f"{fold}{fraction_tag(fraction)}"
+    if not path.is_file() or not (folder / CHECKPOINT_DIR).is_dir():
+        raise StageError(f"fold {name} has no trained autoencoder at {folder}; run `raysynth autoencoder` first")
+    meta = read_json(path)
+    if (meta.get("fold"), meta.get("fraction")) != (fold, fraction):
+        raise StageError(f"the autoencoder at {folder} belongs to fold {meta.get('fold')}"
+                         f"{fraction_tag(meta.get('fraction') or 1.0)}, not fold {name}; a fold's diffusion model "
+                         "uses only its own autoencoder (rerun `raysynth autoencoder --force`)")
+    if meta.get("digest") != autoencoder_digest(cfg, fraction):
+        raise StageError(f"the autoencoder of fold {name} at {folder} was trained with another data/cv/autoencoder "
+                         "config; rerun `raysynth autoencoder`")
+    if not meta.get("disjoint", False):
+        raise StageError(f"the autoencoder of fold {name} at {folder} trained on test ids; rerun `raysynth autoencoder --force`")
+    return {**meta, "path": str(folder / CHECKPOINT_DIR)}
+
+
+def autoencoder_history(layout: Layout, fold: int, fraction: float = 1.0) -> list[dict]:
+    return _jsonl(layout.autoencoder(fold, fraction) / LOSS_HISTORY)
+
+
 # ---- train ----------------------------------------------------------------------------------------
 
 def generator_complete(cfg: Config, layout: Layout, fold: int, fraction: float = 1.0) -> bool:
@@ -312,7 +368,10 @@ def generator_train_ids(layout: Layout, fold: int, fraction: float = 1.0) -> tup
 
 
 def loss_history(layout: Layout, fold: int, fraction: float = 1.0) -> list[dict]:
-    path = layout.ddpm(fold, fraction) / LOSS_HISTORY
+    return _jsonl(layout.ddpm(fold, fraction) / LOSS_HISTORY)
+
+
+def _jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

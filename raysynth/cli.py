@@ -23,7 +23,8 @@ COMMANDS = {
     "config": "print the fully resolved config as YAML",
     "prepare": "preprocess real scans: data.parquet, fingerprint.json, splits.json",
     "tune": "Ray Tune search over diffusion gamma and learning rate (and process), scored on sample FD",
-    "train": "train one DDPM per fold with Ray Train",
+    "autoencoder": "latent space only: train one autoencoder per fold with Ray Train",
+    "train": "train one generator per fold with Ray Train (on the autoencoder's latents in latent space)",
     "sample": "sample synthetic shards per fold with Ray Data",
     "quality": "fidelity, diversity and the memorisation (privacy) gate",
     "study": "Ray Tune grid of downstream CNNs: arm x ratio x real-data size x fold x seed",
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
             p.add_argument("-v", "--verbose", action="store_true",
                            help="show Ray's own output and every detail on the console (default: OUT/logs/ray.log)")
-        if name in ("train", "sample"):
+        if name in ("autoencoder", "train", "sample"):
             p.add_argument("--folds", type=int, nargs="+", metavar="K", help="only these folds")
         if name in ("robustness", "report", "pipeline"):
             p.add_argument("--external-test", metavar="PATH",

@@ -24,7 +24,7 @@ from raysynth.presets import PRESETS, preset_names
 __all__ = [
     "OPT_IN_FIELDS", "ConfigError", "Dims", "Task", "Process", "Sampler", "Denoise", "BadFilePolicy", "Encoder",
     "ClassBalance", "CorruptionName", "DataConfig", "CVConfig", "DiffusionConfig", "SamplingConfig", "StudyConfig",
-    "CurateConfig", "QualityConfig", "RobustnessConfig", "TuningConfig", "RayConfig", "Config", "PRESETS", "preset_names",
+    "CurateConfig", "AutoencoderConfig", "QualityConfig", "RobustnessConfig", "TuningConfig", "RayConfig", "Config", "PRESETS", "preset_names",
     "load_config", "apply_override", "from_dict", "section_from_dict",
 ]
 
@@ -32,7 +32,7 @@ OPT_IN_FIELDS: dict[str, Any] = {
     "diffusion.cpu_bf16": False, "sampling.cpu_bf16": False,
     "diffusion.prediction_type": "epsilon", "diffusion.zero_terminal_snr": False, "diffusion.snr_gamma": None,
     "diffusion.class_dropout": 0.0, "diffusion.flow_timesteps": "logit_normal", "sampling.guidance_scale": 1.0,
-    "tune.flow_sampler": "euler", "sampling.curate": None,
+    "tune.flow_sampler": "euler", "sampling.curate": None, "diffusion.space": "pixel",
 }
 """Settings added after artifacts existed, with their defaults: a field enters a digest only when it
 differs from its default, so artifacts made before it existed stay current."""
@@ -45,6 +45,7 @@ class ConfigError(ValueError):
 Dims = Literal[2, 3]
 Task = Literal["classification", "segmentation"]
 Process = Literal["ddpm", "gamma", "flow"]
+Space = Literal["pixel", "latent"]
 Prediction = Literal["epsilon", "v_prediction", "sample"]
 FlowTimesteps = Literal["logit_normal", "uniform"]
 Sampler = Literal["ddpm", "ddim", "dpmsolver++", "euler", "heun"]
@@ -228,6 +229,10 @@ class DiffusionConfig(_Model):
     """The generator: noise process, denoiser size and its Ray Train fit."""
 
     process: Process = "ddpm"
+    space: Space = "pixel"
+    """Where the process runs: on the images themselves, or on the latents of a per-fold
+    autoencoder (the ``autoencoder`` section; Rombach et al. 2022), which makes 128-256 px slices
+    and 64-128 voxel volumes affordable."""
     num_train_timesteps: int = Field(1000, ge=2)
     beta_start: _Float = Field(1e-4, gt=0)
     beta_end: _Float = Field(0.02, lt=1)
@@ -295,6 +300,51 @@ class DiffusionConfig(_Model):
         if self.process == "gamma" and not self.sigma_min < math.sqrt(2.0 * self.gamma):
             raise _Rule("sigma_min", f"{self.sigma_min} must be below sigma_max = sqrt(2 * gamma) = "
                         f"{math.sqrt(2.0 * self.gamma):.4g} (gamma={self.gamma})")
+        return self
+
+
+class AutoencoderConfig(_Model):
+    """The latent path's autoencoder (``diffusion.space=latent``): MONAI's ``AutoencoderKL``, one per
+    fold and real-data size, trained on that part's real training images only, like the generator.
+    Its Ray Train fit uses the diffusion section's workers, GPUs and failure policy."""
+
+    channels: _list(int) = Field(default_factory=lambda: [32, 64, 64])
+    """Widths per level; each level after the first halves every side."""
+    downsampling_factor: int = Field(4, ge=2)
+    """How much smaller each side of the latent is: must equal 2 ** (len(channels) - 1)."""
+    latent_channels: int = Field(4, ge=1)
+    num_res_blocks: int = Field(1, ge=1)
+    attention: bool = False
+    """Self-attention at the lowest level and in the middle of encoder and decoder (costly on CPU)."""
+    kl_weight: Optional[_Float] = Field(1e-6, ge=0)
+    """Weight of the KL term that keeps the latent near N(0, I); None: off."""
+    adversarial_weight: Optional[_Float] = Field(None, ge=0)
+    """Weight of a patch-GAN loss (MONAI ``PatchDiscriminator``, least squares) from half the
+    steps on, sharpening the decoder's output; None: off."""
+    perceptual_weight: Optional[_Float] = Field(None, ge=0)
+    """A perceptual loss needs pretrained weights that no installed package ships and no hub can
+    be reached for here; it stays None (setting it is an error that says so)."""
+    learning_rate: _Float = Field(2e-4, gt=0)
+    batch_size: int = Field(16, ge=1)
+    train_steps: int = Field(1000, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)
+
+    @field_validator("channels")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        if len(v) < 2 or any(c <= 0 for c in v):
+            raise ValueError(f"{v} must list at least two positive widths (one downsampling)")
+        return v
+
+    @model_validator(mode="after")
+    def _factor(self) -> "AutoencoderConfig":
+        if self.downsampling_factor != 2 ** (len(self.channels) - 1):
+            raise _Rule("downsampling_factor", f"{self.downsampling_factor} does not match channels {self.channels}, "
+                        f"which downsample by 2 ** {len(self.channels) - 1} = {2 ** (len(self.channels) - 1)}")
+        if self.perceptual_weight is not None:
+            raise _Rule("perceptual_weight", "a perceptual loss needs pretrained weights, which no installed package "
+                        "ships and no model hub can be reached for; leave it null")
         return self
 
 
@@ -554,6 +604,7 @@ class Config(_Model):
     data: DataConfig = Field(default_factory=DataConfig)
     cv: CVConfig = Field(default_factory=CVConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     study: StudyConfig = Field(default_factory=StudyConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
@@ -580,6 +631,8 @@ class Config(_Model):
                         f"({df.num_train_timesteps})")
         if st.ratios is None and s.ratio <= 0 and any(a in StudyConfig.SYNTHETIC_ARMS for a in st.arms):
             raise _Rule("study.ratios", "synthetic arms need a ratio > 0; set study.ratios or sampling.ratio")
+        if df.space == "latent":
+            _latent_rules(self.data.image_size, self.autoencoder.downsampling_factor, df.channels)
         if tn.fold >= self.cv.folds * self.cv.repeats:
             raise _Rule("tune.fold", f"{tn.fold} must be < cv.folds * cv.repeats ({self.cv.folds * self.cv.repeats})")
         return self
@@ -612,6 +665,19 @@ class Config(_Model):
         sections that a later assignment to one section broke) and return ``self``."""
         _validate(Config, self.model_dump(), "")
         return self
+
+
+def _latent_rules(image_size: int, factor: int, denoiser_channels: list[int]) -> None:
+    """The latent path's sizes: the image divides into latents big enough for the denoiser."""
+    if image_size % factor:
+        raise _Rule("data.image_size", f"{image_size} is not divisible by autoencoder.downsampling_factor {factor}; "
+                    f"choose a multiple of {factor} (e.g. {max(factor, image_size // factor * factor)})")
+    latent = image_size // factor
+    divisor = 2 ** (len(denoiser_channels) - 1)
+    if latent < 4 or latent % divisor:
+        raise _Rule("data.image_size", f"{image_size} is too small for the latent path: its latents have side "
+                    f"{latent} (image_size / autoencoder.downsampling_factor {factor}), which must be >= 4 and "
+                    f"divisible by 2 ** (len(diffusion.channels) - 1) = {divisor}")
 
 
 _SECTION_OF: dict[type, str] = {info.annotation: name for name, info in Config.model_fields.items()

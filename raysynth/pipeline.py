@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 from raysynth.artifacts import QUALITY_JSON, RESULTS, ROBUSTNESS_JSON, TUNE_JSON, Layout
 from raysynth.config import Config
 from raysynth.errors import PrivacyGateError
+from raysynth.stages.autoencoder import train_autoencoders
 from raysynth.stages.prepare import prepare
 from raysynth.stages.quality import assess_quality
 from raysynth.stages.report import write_report
@@ -28,11 +29,14 @@ from raysynth.storage import syncs_output
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare", "train", "sample", "quality", "study", "robustness", "report")
-"""The main flow, in order. ``tune`` is optional and runs before train, on its own."""
+STAGES = ("prepare", "autoencoder", "train", "sample", "quality", "study", "robustness", "report")
+"""The main flow, in order (``autoencoder`` in latent space only: :func:`applies`). ``tune`` is
+optional and runs before train, on its own."""
 
 _RUNNERS: dict[str, Callable[..., Any]] = {
     "prepare": lambda cfg, layout, force, folds, num_samples: prepare(cfg, layout, force=force),
+    "autoencoder": lambda cfg, layout, force, folds, num_samples: train_autoencoders(cfg, layout, folds=folds,
+                                                                                    force=force),
     "train": lambda cfg, layout, force, folds, num_samples: train_generators(cfg, layout, folds=folds, force=force),
     "sample": lambda cfg, layout, force, folds, num_samples: sample_synthetic(cfg, layout, folds=folds,
                                                                              num_samples=num_samples, force=force),
@@ -46,6 +50,7 @@ _RUNNERS: dict[str, Callable[..., Any]] = {
 
 _ARTIFACTS: dict[str, Callable[[Layout], Path]] = {
     "prepare": lambda layout: layout.prepared,
+    "autoencoder": lambda layout: layout.root / "autoencoder",
     "train": lambda layout: layout.root / "ddpm",
     "sample": lambda layout: layout.root / "synthetic",
     "quality": lambda layout: layout.quality / QUALITY_JSON,
@@ -54,6 +59,11 @@ _ARTIFACTS: dict[str, Callable[[Layout], Path]] = {
     "report": lambda layout: layout.report / "report.html",
     "tune": lambda layout: layout.tune / TUNE_JSON,
 }
+
+
+def applies(name: str, cfg: Config) -> bool:
+    """Whether the pipeline runs stage ``name`` for ``cfg``: the autoencoder only in latent space."""
+    return name != "autoencoder" or cfg.diffusion.space == "latent"
 
 
 def artifact_of(name: str, layout: Layout) -> str:
@@ -91,12 +101,12 @@ def _run_synced(name: str, cfg: Config, layout: Layout, *, force: bool, folds: O
 
 
 def run_pipeline(cfg: Config, layout: Layout, *, force: bool = False) -> dict[str, Any]:
-    """prepare -> train -> sample -> quality -> study -> robustness -> report. Returns the report and timings.
+    """prepare -> (autoencoder) -> train -> sample -> quality -> study -> robustness -> report. Returns the report and timings.
 
     Raises :class:`PrivacyGateError` at the end, after the report, when the privacy gate failed."""
     timings: dict[str, float] = {}
     results: dict[str, Any] = {}
-    for name in STAGES:
+    for name in (n for n in STAGES if applies(n, cfg)):
         t0 = time.time()
         results[name] = run_stage(name, cfg, layout, force=force, enforce_gate=False)
         timings[name] = round(time.time() - t0, 1)

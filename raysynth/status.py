@@ -28,7 +28,7 @@ from raysynth.errors import InputError, StageError
 from raysynth.render.text import num, primary_metric
 from raysynth.storage import remote_output
 
-STAGES = ("prepare", "train", "sample", "quality", "study", "robustness", "report")
+STAGES = ("prepare", "autoencoder", "train", "sample", "quality", "study", "robustness", "report")
 """The main flow, as ``pipeline.STAGES`` (a library module may not import the pipeline; a test checks)."""
 
 
@@ -54,6 +54,9 @@ def collect(layout: Layout, cfg: Config) -> dict[str, Any]:
     gens = [(k, p) for k in folds for p in generator_fractions(cfg)]
     noun = "folds" if len(gens) == len(folds) else "generators"
     stages = {"prepare": _prepare(layout, cfg, len(folds))}
+    stages["autoencoder"] = (_rollup({_unit(k, p): _autoencoder(layout, cfg, k, p) for k, p in gens}, noun, "trained")
+                             if cfg.diffusion.space == "latent" else
+                             {"state": "unused", "done": 0, "total": 0, "detail": "diffusion.space is pixel"})
     stages["train"] = _rollup({_unit(k, p): _generator(layout, cfg, k, p) for k, p in gens}, noun, "trained")
     manifests: dict[tuple[int, float], Optional[dict]] = {g: None for g in gens}
     units = {}
@@ -87,7 +90,7 @@ def render(status: dict[str, Any]) -> list[str]:
     where = status["out"] + (f" (staged in {status['staging']})" if status["staging"] else "")
     lines = [f"{where}, against config {status['config_digest']}:"]
     lines += [f"  {s['stage']:<11} {s['state']:<9} {s['detail']}".rstrip() for s in status["stages"]]
-    present = [s["state"] for s in status["stages"] if s["state"] != "missing"]
+    present = [s["state"] for s in status["stages"] if s["state"] not in ("missing", "unused")]
     if present and all(s == "stale" for s in present):
         lines.append("  every artifact is stale for this config: give the --preset, --config and --set the run used")
     f = status["figures"]
@@ -103,6 +106,13 @@ def render(status: dict[str, Any]) -> list[str]:
             for q in f["quality"]) + ("" if f["quality_current"] else " (stale)"))
     lines.append(f"report: {status['report_html'] or 'not written yet'}")
     return lines
+
+
+def _autoencoder(layout: Layout, cfg: Config, fold: int, fraction: float) -> str:
+    meta = _load(layout.autoencoder(fold, fraction) / art.AUTOENCODER_META)
+    if meta is None:
+        return "partial" if (layout.ray_storage / f"autoencoder_fold_{fold}{fraction_tag(fraction)}").is_dir() else "missing"
+    return "current" if art.autoencoder_complete(cfg, layout, fold, fraction) else "stale"
 
 
 def _unit(fold: int, fraction: float) -> str:

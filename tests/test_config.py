@@ -14,7 +14,7 @@ from raysynth.config import (OPT_IN_FIELDS, Config, ConfigError, DataConfig, Dif
                              StudyConfig, TuningConfig, apply_override, from_dict, load_config, preset_names,
                              section_from_dict)
 
-SECTIONS = ["data", "cv", "diffusion", "sampling", "study", "quality", "robustness", "tune", "ray"]
+SECTIONS = ["data", "cv", "diffusion", "autoencoder", "sampling", "study", "quality", "robustness", "tune", "ray"]
 
 
 # ---- presets, layering, round trips ---------------------------------------------------------------
@@ -104,7 +104,7 @@ def test_int_for_a_float_field_is_stored_as_a_float():
         ("nope.x=1", "nope: unknown config section"),
         ("sampling.steps.x=1", "sampling.steps: unknown config section"),
         # an unknown key in each section, and at the top
-        ("stepz=1", "stepz: unknown config key; valid keys here: ['cv', 'data',"),
+        ("stepz=1", "stepz: unknown config key; valid keys here: ['autoencoder', 'cv', 'data',"),
         ("data.sauce=/x", "data.sauce: unknown config key; valid keys here: ["),
         ("cv.fold=3", "cv.fold: unknown config key"),
         ("diffusion.lr=0.1", "diffusion.lr: unknown config key"),
@@ -340,7 +340,7 @@ DEFAULT_PLAIN = {
              "foreground_crop": False, "bad_files": "error", "channels": "grey",
              "duplicates": "group", "duplicate_threshold": 0.97, "subject_pattern": None},
     "cv": {"folds": 4, "repeats": 1, "seed": 0},
-    "diffusion": {"process": "ddpm", "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+    "diffusion": {"process": "ddpm", "space": "pixel", "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
                   "gamma": 12.5, "sigma_min": 0.002, "prediction_type": "epsilon", "zero_terminal_snr": False,
                   "snr_gamma": None, "flow_timesteps": "logit_normal", "class_dropout": 0.0, "channels": [32, 64, 64], "layers_per_block": 1,
                   "attention": False, "gradient_checkpointing": False, "learning_rate": 0.0005, "weight_decay": 0.0,
@@ -348,6 +348,10 @@ DEFAULT_PLAIN = {
                   "max_train_images": 350, "num_workers": 1, "cpus_per_worker": 1, "use_gpu": False,
                   "checkpoint_every": 500, "max_failures": 2, "parallel_folds": True, "max_parallel_folds": None,
                   "log_every": 50, "cpu_bf16": False},
+    "autoencoder": {"channels": [32, 64, 64], "downsampling_factor": 4, "latent_channels": 4, "num_res_blocks": 1,
+                    "attention": False, "kl_weight": 1e-06, "adversarial_weight": None, "perceptual_weight": None,
+                    "learning_rate": 0.0002, "batch_size": 16, "train_steps": 1000, "checkpoint_every": 500,
+                    "log_every": 50},
     "sampling": {"sampler": "ddim", "steps": 25, "ratio": 1.0, "num_samples": None, "class_balance": "balanced",
                  "batch_size": 32, "shard_size": 128, "min_actors": 1, "max_actors": 2, "cpus_per_actor": 1,
                  "gpus_per_actor": 0.0, "seed": 1234, "guidance_scale": 1.0, "curate": None, "write_nifti": True, "cpu_bf16": False},

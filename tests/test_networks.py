@@ -210,7 +210,7 @@ def test_folders_saved_before_modelmixin_still_load(tmp_path, no_network, dims):
 
 
 def test_ema_weights_are_what_gets_saved(tmp_path, no_network):
-    """What ``GeneratorFit.save_ema`` does: EMA weights swapped into the model, then ``save_pretrained``."""
+    """What ``GeneratorFit.export`` does: EMA weights swapped into the model, then ``save_pretrained``."""
     from diffusers.training_utils import EMAModel
 
     model = Denoiser(2, 1, 16, 2, channels=[8, 16])

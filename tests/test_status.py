@@ -142,7 +142,7 @@ def test_the_stages_are_the_pipelines():
 def test_a_complete_output_and_its_figures(tmp_path, cfg):
     layout = complete_output(tmp_path / "run", cfg)
     status = collect(layout, cfg)
-    assert set(states(status).values()) == {"complete"}
+    assert set(states(status).values()) == {"complete", "unused"}
     assert by_stage(status)["train"]["detail"] == "2 of 2 folds trained"
     f = status["figures"]
     assert f["primary_metric"] == "balanced_accuracy" and f["source"] == "report.json"
@@ -168,7 +168,7 @@ def test_a_partly_done_output(tmp_path, cfg):
     write_robustness(layout, cfg, [0], gather=False)
     status = collect(layout, cfg)
     stage = by_stage(status)
-    assert states(status) == {"prepare": "complete", "train": "partial", "sample": "partial", "quality": "complete",
+    assert states(status) == {"prepare": "complete", "autoencoder": "unused", "train": "partial", "sample": "partial", "quality": "complete",
                               "study": "partial", "robustness": "partial", "report": "missing"}
     assert stage["train"]["detail"] == "1 of 2 folds trained"
     assert stage["sample"]["detail"] == "1 of 2 folds sampled; in progress: fold 1"
@@ -184,14 +184,14 @@ def test_stale_stages_against_another_config(tmp_path, cfg):
     layout = complete_output(tmp_path / "run", cfg)
     other = load_config("smoke", overrides=["sampling.steps=6"])  # the samples change; data and generators do not
     status = collect(layout, other)
-    assert states(status) == {"prepare": "complete", "train": "complete", "sample": "stale", "quality": "stale",
+    assert states(status) == {"prepare": "complete", "autoencoder": "unused", "train": "complete", "sample": "stale", "quality": "stale",
                               "study": "stale", "robustness": "stale", "report": "stale"}
     assert by_stage(status)["sample"]["detail"] == "0 of 2 folds sampled; stale: fold 0, fold 1"
     assert status["figures"]["privacy"]["current"] is False and status["figures"]["source"] == "report.json, stale"
     text = render(status)
     assert "privacy gate: passed (stale)" in text and not any("every artifact is stale" in line for line in text)
     moved = collect(layout, load_config("smoke", overrides=["cv.seed=7"]))  # other splits: nothing is current
-    assert {s for s in states(moved).values()} == {"stale"}
+    assert {s for s in states(moved).values()} == {"stale", "unused"}
     assert any("every artifact is stale for this config" in line for line in render(moved))
 
 
@@ -199,7 +199,7 @@ def test_missing_stages(tmp_path, cfg):
     layout = Layout.at(tmp_path / "run")
     write_prepared(layout, cfg)
     status = collect(layout, cfg)
-    assert states(status) == {"prepare": "complete", **dict.fromkeys(STAGES[1:], "missing")}
+    assert states(status) == {"prepare": "complete", **dict.fromkeys(STAGES[1:], "missing"), "autoencoder": "unused"}
     assert status["figures"]["arms"] == [] and status["figures"]["privacy"] is None
     assert layout.fingerprint.unlink() is None and states(collect(layout, cfg))["prepare"] == "partial"
 
@@ -235,7 +235,7 @@ def test_a_uri_output_is_read_through_its_staging_folder(tmp_path, cfg, monkeypa
     uri = f"file://{bucket}"
     layout = open_output(uri)  # pulled into the staging folder, as before a stage
     assert layout.remote == uri and layout.root.parent == tmp_path / "staging" and layout.fingerprint.is_file()
-    assert set(states(collect(layout, cfg)).values()) == {"complete"}
+    assert set(states(collect(layout, cfg)).values()) == {"complete", "unused"}
     assert main(["status", uri, "--preset", "smoke"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"{uri} (staged in {layout.root})") and f"report: {layout.report / 'report.html'}" in out

@@ -19,7 +19,8 @@ from raysynth.artifacts import Layout, sample_id, shard_name
 from raysynth.config import from_dict
 from raysynth.data.schema import SYNTHETIC_SCHEMA, ImageSet, checksum, write_parquet
 from raysynth.diffusion.channels import decode_joint
-from raysynth.diffusion.checkpoint import load_generator
+from raysynth.diffusion.autoencoder import decode
+from raysynth.diffusion.checkpoint import load_decoder, load_generator
 from raysynth.runtime import derive_seed, set_threads
 
 
@@ -50,7 +51,7 @@ class ShardSampler:
         self.device = "cuda" if torch.cuda.is_available() and self.cfg.sampling.gpus_per_actor > 0 else "cpu"
         # bf16 autocast: always on GPU, on CPU when asked (sampling.cpu_bf16; part of the sampling digest).
         self.bf16 = self.device == "cuda" or self.cfg.sampling.cpu_bf16
-        self._loaded: OrderedDict[tuple[int, float], tuple[Any, Any, dict]] = OrderedDict()
+        self._loaded: OrderedDict[tuple[int, float], tuple[Any, Any, dict, Any]] = OrderedDict()
         self.fold: Optional[int] = None
         if fold is not None:
             self.use(fold, fraction)
@@ -62,12 +63,12 @@ class ShardSampler:
             model, process, meta = load_generator(self.layout, key[0], device=self.device, fraction=key[1])
             if self.device == "cuda":
                 model = model.to(memory_format=torch.channels_last if self.cfg.data.dims == 2 else torch.contiguous_format)
-            self._loaded[key] = (model, process, meta)
+            self._loaded[key] = (model, process, meta, load_decoder(self.layout, meta, device=self.device))
             while len(self._loaded) > self.CACHE:
                 self._loaded.popitem(last=False)  # the least recently used; never the one just added
         self._loaded.move_to_end(key)
         self.fold, self.fraction = key
-        self.model, self.process, self.meta = self._loaded[key]
+        self.model, self.process, self.meta, self.decoder = self._loaded[key]
         self.out = self.layout.synthetic(*key)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
@@ -88,12 +89,17 @@ class ShardSampler:
         return rows
 
     def generate(self, label: int, indices: list[int]):
-        """Images ``(n, C, *S)`` in [-1, 1] and masks ``(n, *S)`` uint8 or None, one seed per sample."""
+        """Images ``(n, C, *S)`` in [-1, 1] and masks ``(n, *S)`` uint8 or None, one seed per sample.
+
+        In latent space the process draws scaled latents ``(n, L, *S/f)``, which the fold's
+        autoencoder decodes, a batch at a time, into the same joint tensor a pixel generator draws."""
         s, cfg, meta = self.cfg.sampling, self.cfg, self.meta
         n_mask = int(meta["num_mask_classes"])
         n_image = int(meta.get("num_channels", 1))  # generators trained before channels were explicit: grey
         channels = n_image + n_mask
         shape = (channels,) + (cfg.data.image_size,) * cfg.data.dims
+        if self.decoder is not None:
+            shape = tuple(meta["autoencoder"]["latent_shape"])
         images, masks = [], []
         for start in range(0, len(indices), s.batch_size):
             chunk = indices[start:start + s.batch_size]
@@ -102,6 +108,8 @@ class ShardSampler:
             with torch.autocast(device_type=self.device, dtype=torch.bfloat16, enabled=self.bf16):
                 x = self.process.sample(self.model, labels, shape, s.sampler, s.steps, gens,
                                         guidance_scale=s.guidance_scale)
+                if self.decoder is not None:
+                    x = decode(self.decoder, x.float() / float(meta["autoencoder"]["scale_factor"]))
             img, msk = decode_joint(x.float().cpu(), n_mask, n_image)
             images.append(img.numpy())
             if msk is not None:

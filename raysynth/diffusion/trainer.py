@@ -39,6 +39,9 @@ def drop_labels(labels: torch.Tensor, p: float, null_label: int, generator: Opti
 class GeneratorFit:
     """Model, EMA weights, AdamW and the noise process of one generator."""
 
+    EXPORT = "ema"
+    """The folder of a checkpoint that holds the exported (EMA) denoiser, which the sampler loads."""
+
     def __init__(self, cfg: DiffusionConfig, *, dims: int, in_channels: int, image_size: int, num_classes: int,
                  device: torch.device | str = "cpu") -> None:
         self.cfg = cfg
@@ -98,6 +101,7 @@ class GeneratorFit:
         finally:
             self.ema.restore(params())
 
-    def save_ema(self, path: str | Path) -> None:
+    def export(self, path: str | Path) -> None:
+        """The EMA denoiser, in diffusers' folder layout."""
         with self.ema_weights() as model:
             model.save_pretrained(path)

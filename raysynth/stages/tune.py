@@ -162,6 +162,9 @@ def search(cfg: Config, layout: Layout, *, settings: Optional[dict] = None, forc
 
     ``settings`` default to the config's ``tune`` section.
     """
+    if cfg.diffusion.space != "pixel":
+        raise StageError("tune: diffusion.space=latent is not supported; the search scores pixel-space generators "
+                         "(tune with diffusion.space=pixel, then train in latent space with the best values)")
     if settings is None:
         settings = cfg.tune.to_dict()
     s = resolve_settings(settings)
