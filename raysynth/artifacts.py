@@ -215,12 +215,17 @@ def sampling_digest(cfg: Config) -> str:
 QUALITY_SECTIONS = ("data", "cv", "diffusion", "sampling", "quality")
 
 
+def _with_autoencoder(cfg: Config, sections: tuple[str, ...]) -> tuple[str, ...]:
+    """In latent space the autoencoder shapes every sample, so the stages downstream of it count it."""
+    return sections + ("autoencoder",) if cfg.diffusion.space == "latent" else sections
+
+
 def quality_digest(cfg: Config) -> str:
-    return cfg.section_digest(*QUALITY_SECTIONS)
+    return cfg.section_digest(*_with_autoencoder(cfg, QUALITY_SECTIONS))
 
 
 def study_digest(cfg: Config) -> str:
-    return cfg.section_digest("data", "cv", "diffusion", "sampling", "study", "quality")
+    return cfg.section_digest(*_with_autoencoder(cfg, ("data", "cv", "diffusion", "sampling", "study", "quality")))
 
 
 def robustness_digest(cfg: Config, external: Optional[str], external_signature: Optional[str]) -> str:

@@ -36,7 +36,7 @@ def test_presets_live_in_their_own_module_and_are_re_exported():
     from raysynth import config, presets
 
     assert config.PRESETS is presets.PRESETS and config.preset_names() == presets.preset_names()
-    assert preset_names() == ["smoke", "default", "gpu"]
+    assert preset_names() == ["smoke", "default", "gpu", "latent", "latent3d"]
 
 
 def test_layering_preset_then_file_then_overrides(tmp_path):

@@ -25,7 +25,9 @@ from raysynth.diffusion.autoencoder import (
     save_autoencoder,
     scale_factor,
 )
+from raysynth.diffusion.channels import encode_joint
 from raysynth.errors import StageError
+from raysynth.quality.reconstruction import ms_ssim_scales, reconstruction_metrics
 
 SMALL = AutoencoderConfig(channels=[8, 16], downsampling_factor=2, latent_channels=3, train_steps=4, batch_size=4)
 
@@ -96,6 +98,28 @@ def test_bad_latent_configs_are_one_line(overrides, message):
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
+@pytest.mark.parametrize("side, scales", [(6, 0), (8, 1), (12, 1), (13, 2), (16, 2), (40, 3), (64, 4), (128, 5), (256, 5)])
+def test_ms_ssim_scales_fit_the_side(side, scales):
+    assert ms_ssim_scales(side) == scales
+
+
+def test_reconstruction_metrics_of_a_faithful_and_a_poor_autoencoder():
+    torch.manual_seed(0)
+    cfg = SMALL.replace(learning_rate=3e-3, kl_weight=None)
+    images = np.zeros((6, 2, 16, 16), np.float32) - 1
+    images[:, :, 4:12, 4:12] = 1.0
+    masks = (images[:, 0] > 0).astype(np.uint8)
+    x = encode_joint(torch.from_numpy(images), torch.from_numpy(masks), 2)  # 2 image + 2 one-hot mask channels
+    fit = AutoencoderFit(cfg, dims=2, in_channels=4)
+    poor = reconstruction_metrics(fit.model.eval(), images, masks, 2)
+    fit.model.train()
+    for _ in range(60):
+        fit.step(x)
+    good = reconstruction_metrics(fit.model.eval(), images, masks, 2)
+    assert good["psnr"] > poor["psnr"] and good["ssim"] > poor["ssim"] and good["l1"] < poor["l1"]
+    assert 0 <= poor["mask_dice"] <= good["mask_dice"] <= 1
+
+
 def test_save_and_load_keep_the_architecture(tmp_path):
     model = build_autoencoder(SMALL, dims=3, in_channels=2)
     save_autoencoder(model, SMALL, tmp_path, dims=3, in_channels=2)
@@ -120,7 +144,7 @@ def test_latent_pipeline_trains_per_fold_and_decodes_samples(ray_session, tmp_pa
         overrides += ["data.num_scans=16", "sampling.ratio=0.25"]
     cfg = load_config("smoke", None, overrides)
     args = ["--preset", "smoke", "-q", *(w for o in overrides for w in ("--set", o))]
-    for stage in ("prepare", "autoencoder", "train", "sample"):
+    for stage in ("prepare", "autoencoder", "train", "sample", "quality"):
         assert main([stage, "--out", out, *args]) == 0, stage
     L = Layout.at(out)
     fp = read_json(L.fingerprint)
@@ -142,6 +166,12 @@ def test_latent_pipeline_trains_per_fold_and_decodes_samples(ray_session, tmp_pa
         assert np.isfinite(data.images).all() and data.images.min() >= -1 and data.images.max() <= 1
         if task == "segmentation":
             assert data.masks.shape == (len(data),) + (16,) * dims and int(data.masks.max()) < fp["num_mask_classes"]
+    recon = read_json(L.quality / "quality.json")["reconstruction"]  # the autoencoders on each real test part
+    assert [r["fold"] for r in recon] == [f["fold"] for f in splits]
+    for r in recon:
+        assert r["n"] == len(splits[r["fold"]]["test"]) and np.isfinite(r["psnr"]) and -1 <= r["ssim"] <= 1
+        assert r["ms_ssim_scales"] == 2 and -1 <= r["ms_ssim"] <= 1  # 16 px: two MS-SSIM scales fit
+        assert (task == "segmentation") == ("mask_dice" in r)
     if dims == 3:
         nifti = sorted((L.synthetic(0) / "nifti").glob("*.nii.gz"))
         assert nifti, "3D samples are written as NIfTI"

@@ -224,6 +224,7 @@ def valid_configs(draw):
         "cv.folds": draw(st.integers(2, 10)),
         "cv.seed": draw(ints),
         "diffusion.process": process,
+        "diffusion.space": "pixel",  # sizes and widths below are drawn for pixel space
         "diffusion.beta_start": beta_start,
         "diffusion.beta_end": draw(st.floats(beta_start * 2, 0.5)),
         "diffusion.gamma": draw(st.floats(0.01, 100.0)),
@@ -246,7 +247,8 @@ def valid_configs(draw):
     chosen = draw(st.lists(st.sampled_from(sorted(picks)), unique=True, max_size=len(picks)))
     # Cross-field pairs travel together so every subset stays valid.
     for a, b in [("diffusion.process", "sampling.sampler"), ("diffusion.beta_start", "diffusion.beta_end"),
-                 ("data.low_percentile", "data.high_percentile"), ("sampling.min_actors", "sampling.max_actors")]:
+                 ("data.low_percentile", "data.high_percentile"), ("sampling.min_actors", "sampling.max_actors"),
+                 ("data.image_size", "diffusion.space"), ("diffusion.channels", "diffusion.space")]:
         if a in chosen or b in chosen:
             chosen = sorted(set(chosen) | {a, b})
     return {k: picks[k] for k in chosen}

@@ -180,10 +180,21 @@ def _quality_blocks(q: dict) -> list[Block]:
     blind = [f"split {f['fold']}: {f['gate']['why']}" for f in q.get("folds", []) if not f.get("gate", {}).get(
         "discriminates", True)]
     why = (" It is not a pass: the gate could not discriminate (" + "; ".join(blind) + ").") if blind else ""
-    return [Paragraph(f"Privacy gate: {verdict.upper() if verdict != 'passed' else verdict}.{why} Quality and "
-                      "privacy are measured for the generators trained on each split's whole training part."),
-            Table(("split", "Frechet distance", "real-vs-real reference", "precision", "recall", "near-copies", "gate"),
-                  tuple(rows), "features from an encoder trained on the split's real training images")]
+    blocks: list[Block] = [
+        Paragraph(f"Privacy gate: {verdict.upper() if verdict != 'passed' else verdict}.{why} Quality and "
+                  "privacy are measured for the generators trained on each split's whole training part."),
+        Table(("split", "Frechet distance", "real-vs-real reference", "precision", "recall", "near-copies", "gate"),
+              tuple(rows), "features from an encoder trained on the split's real training images")]
+    if q.get("reconstruction"):
+        seg = any("mask_dice" in r for r in q["reconstruction"])
+        blocks.append(Table(
+            ("split", "test images", "PSNR (dB)", "SSIM", "MS-SSIM") + (("mask Dice",) if seg else ()),
+            tuple((f"split {r['fold']}", str(r["n"]), fmt(r["psnr"]), fmt(r["ssim"]),
+                   fmt(r.get("ms_ssim")))
+                  + ((fmt(r.get("mask_dice")),) if seg else ()) for r in q["reconstruction"]),
+            "Latent space: the split's autoencoder reconstructing the split's real test images (a measurement "
+            "only, never used for training or selection): what is lost before diffusion starts"))
+    return blocks
 
 
 def build_document(report: dict, figures: set[str]) -> tuple[str, list[Block]]:

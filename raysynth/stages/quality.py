@@ -23,6 +23,7 @@ from raysynth.artifacts import (
     generator_train_ids,
     quality_digest,
     quality_outdated,
+    read_autoencoder,
     read_json,
     read_manifest,
     read_prepared,
@@ -33,8 +34,10 @@ from raysynth.data.schema import ImageSet
 from raysynth.data.splits import holdout_split
 from raysynth.errors import StageError
 from raysynth.io import write_json
+from raysynth.diffusion.autoencoder import load_autoencoder
 from raysynth.quality.features import CHANNELS, Encoder, random_encoder, train_encoder
 from raysynth.quality.memorisation import nearest_feature, nearest_ncc, privacy_gate
+from raysynth.quality.reconstruction import reconstruction_metrics
 from raysynth.quality.metrics import (
     effective_k,
     frechet_distance,
@@ -92,6 +95,8 @@ def assess_quality(cfg: Config, layout: Layout, force: bool = False) -> dict[str
     fold_reports, hist_items = [], []
     for entry in ready:
         report, hist = _assess_fold(cfg, layout, real, class_names, entry)
+        if cfg.diffusion.space == "latent":
+            report["reconstruction"] = _reconstruction(cfg, layout, real, fingerprint, entry)
         fold_reports.append(report)
         hist_items.append(hist)
     figures.plot_ncc_histograms(hist_items, q.ncc_threshold, layout.quality / NCC_HISTOGRAM)
@@ -129,10 +134,25 @@ def assess_quality(cfg: Config, layout: Layout, force: bool = False) -> dict[str
         "folds_without_synthetic": missing,
         "figures": {"ncc_hist": NCC_HISTOGRAM},
         "dropped": DROPPED_JSON if q.drop_memorised else None,
+        # Latent space: what the autoencoder loses, on each fold's real test part (never used to select).
+        "reconstruction": [{"fold": r["fold"], **r["reconstruction"]} for r in fold_reports if "reconstruction" in r]
+        or None,
     }
     write_json(out, summary)
     logger.info("quality: wrote %s; privacy %s", out, "passed" if passed else "FAILED")
     return summary
+
+
+def _reconstruction(cfg: Config, layout: Layout, real: ImageSet, fingerprint: dict, entry: dict) -> dict[str, Any]:
+    """PSNR, SSIM, MS-SSIM (and mask Dice) of the fold's autoencoder on the fold's real test part."""
+    fold = int(entry["fold"])
+    model = load_autoencoder(read_autoencoder(layout, cfg, fold)["path"])
+    test = real.subset_ids(list(entry["test"]))
+    n_mask = int(fingerprint.get("num_mask_classes") or 0) if cfg.data.task == "segmentation" else 0
+    metrics = reconstruction_metrics(model, test.images, test.masks if n_mask else None, n_mask)
+    logger.info("quality: fold %d: autoencoder on the real test part: PSNR %.2f dB, SSIM %.3f", fold,
+                metrics["psnr"], metrics["ssim"])
+    return metrics
 
 
 def _method(cfg: Config) -> dict[str, Any]:
