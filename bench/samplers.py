@@ -71,14 +71,17 @@ class CountingModel(torch.nn.Module):
         return self.model(x, t, class_labels)
 
 
-def train_generator(cfg, overrides: dict, x0: torch.Tensor, labels: torch.Tensor, steps: int, num_classes: int):
+def train_generator(cfg, overrides: dict, x0: torch.Tensor, labels: torch.Tensor, steps: int, num_classes: int,
+                    seconds: float | None = None):
     """A briefly trained generator (the ``raysynth train`` step, seeded batches) with ``cfg.diffusion``
-    updated by ``overrides``; returns the EMA model, the process and the training seconds."""
+    updated by ``overrides``; returns the EMA model, the process and the training seconds. ``x0``'s
+    side sets the denoiser's (latents are smaller than the images). ``seconds``: stop after that
+    much training time even before ``steps`` (an equal-compute comparison)."""
 
     diffusion = cfg.diffusion.replace(**overrides)
     process = diffusion.process
     torch.manual_seed(derive_seed(cfg.seed, 1))
-    fit = GeneratorFit(diffusion, dims=cfg.data.dims, in_channels=x0.shape[1], image_size=cfg.data.image_size,
+    fit = GeneratorFit(diffusion, dims=cfg.data.dims, in_channels=x0.shape[1], image_size=int(x0.shape[-1]),
                        num_classes=num_classes)
     fit.process.check_data_scale(float(x0.std()))
     t0 = time.perf_counter()
@@ -88,6 +91,9 @@ def train_generator(cfg, overrides: dict, x0: torch.Tensor, labels: torch.Tensor
         loss = fit.step(x0[idx], labels[idx], generator=g)
         if (step + 1) % max(1, steps // 4) == 0:
             log(f"  {process}: step {step + 1}/{steps} loss {loss:.4f} ({time.perf_counter() - t0:.0f}s)")
+        if seconds is not None and time.perf_counter() - t0 >= seconds:
+            log(f"  {process}: stopped at step {step + 1} after the {seconds:.0f}s budget")
+            break
     seconds = time.perf_counter() - t0
     with fit.ema_weights() as model:  # sample from the EMA weights, as the sample stage does
         ema = copy.deepcopy(model)
