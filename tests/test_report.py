@@ -195,3 +195,25 @@ def test_a_report_whose_numbers_are_null_still_renders(reported, tmp_path):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "no test possible" in md and "n/a" in md
     assert any("n/a" in line for line in summary_lines(report))
+
+
+def _comparison(low, high, diff=0.05):
+    return {"balanced_accuracy": {"mean_diff": diff, "nb_ci_low": low, "nb_ci_high": high, "n": 4}}
+
+
+@pytest.mark.parametrize(
+    "comparisons, expected",
+    [
+        ({"classical": _comparison(0.01, 0.2), "synthetic x1": _comparison(-0.1, 0.2)}, "Not shown: the corrected 95% CI of 1 of 1"),
+        ({"synthetic x1": _comparison(0.01, 0.2), "synthetic x2": _comparison(-0.1, 0.2)}, "It helps: 1 of 2 synthetic conditions has"),
+        ({"synthetic x1": _comparison(-0.3, -0.01, -0.1)}, "It hurts: 1 of 1 synthetic condition has"),
+        ({"synthetic x1": _comparison(None, None)}, "Unknown: none of the 1 synthetic condition"),
+    ],
+)
+def test_the_summary_answers_the_question_from_the_intervals(comparisons, expected):
+    from raysynth.render.document import answer
+
+    report = {"primary_metric": "balanced_accuracy", "metrics": ["balanced_accuracy"], "task": "classification",
+              "comparisons": {"1": comparisons}, "quality": None}
+    lines = answer(report)
+    assert len(lines) == 1 and lines[0].startswith("Does synthetic data help at 100% real data? " + expected), lines

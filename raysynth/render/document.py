@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import yaml
 
 from raysynth.config import StudyConfig
@@ -87,6 +89,47 @@ def duplicates_sentence(data: dict) -> str:
     return (f"Duplicates: {dup['num_groups']} groups of exact or near-duplicate images ({dup['num_grouped_images']} "
             f"images, {dup['num_exact']} exact copies) at normalised correlation >= {dup['threshold']:g} "
             f"({dup['method']}); {done}.")
+
+
+def answer(report: dict) -> list[str]:
+    """The summary a researcher reads first: does synthetic data help here, by how much, how sure;
+    then the quality and privacy verdicts. Read off the corrected intervals, never tuned."""
+    m, out = primary_metric(report), []
+    for p in sorted(report["comparisons"], key=float, reverse=True):
+        rows = [(c, r[m]) for c, r in report["comparisons"][p].items()
+                if c.split(" ")[0] in StudyConfig.SYNTHETIC_ARMS and "mean_diff" in r.get(m, {})]
+        if not rows:
+            continue
+        above = [c for c, r in rows if _finite(r.get("nb_ci_low")) and r["nb_ci_low"] > 0]
+        below = [c for c, r in rows if _finite(r.get("nb_ci_high")) and r["nb_ci_high"] < 0]
+        best_c, best = max(rows, key=lambda cr: cr[1]["mean_diff"] if _finite(cr[1]["mean_diff"]) else -math.inf)
+        tested = [c for c, r in rows if _finite(r.get("nb_ci_low")) and _finite(r.get("nb_ci_high"))]
+        of = f"{len(rows)} synthetic condition{'s' if len(rows) > 1 else ''}"
+        verdict = (f"it helps: {len(above)} of {of} {'has' if len(above) == 1 else 'have'} a corrected 95% CI above 0"
+                   if above else
+                   f"it hurts: {len(below)} of {of} {'has' if len(below) == 1 else 'have'} a corrected 95% CI below 0"
+                   if below else f"not shown: the corrected 95% CI of {len(tested)} of {of} includes 0"
+                   + ("" if len(tested) == len(rows) else f", and {len(rows) - len(tested)} had no interval "
+                      "(too few splits, or no variance over them)") if tested else
+                   f"unknown: none of the {of} has a corrected interval (too few splits, or no variance over them)")
+        out.append(f"Does synthetic data help at {pct(p)} real data? {verdict[0].upper()}{verdict[1:]}. The largest "
+                   f"mean change of {m} is {best_c}'s {num(best['mean_diff'], '+.3f')} (corrected 95% CI "
+                   f"{fmt(best.get('nb_ci_low'))} to {fmt(best.get('nb_ci_high'))}, over {best.get('n', '?')} splits); "
+                   "picked as the largest, so read it with its interval.")
+    q = report.get("quality") or {}
+    if q:
+        verdict = q.get("privacy_verdict") or ("passed" if q.get("privacy_passed") else "failed")
+        ratios = [f["metrics"]["overall"]["synthetic_matched"]["fd"] / f["metrics"]["overall"]["reference"]["fd"]
+                  for f in q.get("folds", []) if _finite(f.get("metrics", {}).get("overall", {}).get("synthetic_matched", {}).get("fd"))
+                  and (f["metrics"]["overall"]["reference"].get("fd") or 0) > 0]
+        fd = (f"; Frechet distance of synthetic to real training images {num(float(np.median(ratios)), '.2f')}x the "
+              "real-vs-real reference (median over splits; 1 is as close as real images are to each other)") if ratios else ""
+        out.append(f"Privacy gate: {verdict}{fd}.")
+    return out
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def findings(report: dict) -> list[str]:
@@ -204,6 +247,9 @@ def build_document(report: dict, figures: set[str]) -> tuple[str, list[Block]]:
     fig = lambda name, caption: [Figure(name, caption)] if name in figures else []  # noqa: E731
     blocks: list[Block] = [Heading(1, title), Paragraph(f"Created {report['created']}. Primary metric: {m}. "
                                                        f"Primary test: {report['primary_test']['label']}.")]
+    summary = answer(report)
+    if summary:
+        blocks += [Heading(2, "Summary"), Bullets(tuple(summary))]
     found = findings(report)
     if found:
         blocks += [Heading(2, "Findings"), Bullets(tuple(found))]
@@ -211,6 +257,9 @@ def build_document(report: dict, figures: set[str]) -> tuple[str, list[Block]]:
     blocks += [Heading(2, "Downstream models against real-data size"), _summary_table(report),
                *fig(f"learning_curve_{m}.png", f"{m} against real-data size, per condition, corrected 95% CI"),
                *fig("learning_curve_auc.png", "AUC against real-data size, per condition, corrected 95% CI")]
+    if len(report["design"]["sizes"]) < 2:
+        blocks.append(Paragraph("No learning curve: it needs several real-data sizes (set study.real_fractions, "
+                                "e.g. [0.25, 0.5, 1.0])."))
     if report["comparisons"]:
         n = report["design"]["folds_per_repeat"] * report["design"]["repeats"]
         blocks += [Heading(2, "Paired comparison against baseline"),

@@ -30,7 +30,7 @@ def report_figures(report: dict) -> dict[str, bytes]:
     metrics = report["metrics"]
     primary = primary_metric(report) or None
     conds = report["design"]["conditions"]
-    for m in dict.fromkeys(m for m in (primary, "auc") if m in metrics):
+    for m in dict.fromkeys(m for m in (primary, "auc") if m in metrics and len(report["design"]["sizes"]) > 1):
         images[f"learning_curve_{m}.png"] = figures.learning_curve_png(report["summary"], report["design"]["sizes"], m, conds)
     if primary and any(primary in c for by_c in report["comparisons"].values() for c in by_c.values()):
         images["paired_differences.png"] = figures.paired_differences_png(report["comparisons"], primary)
