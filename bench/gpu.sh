@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# Benchmark 6 of issue 9: the one prepared GPU check, for a lent H100/H200, unattended.
+# Benchmark 6 of issues 9 and 17: the one prepared GPU check, for a lent H100/H200, unattended.
 #
 #   bash bench/gpu.sh [extra gpu_check.py options]        # from the repository root or anywhere
+#   bash bench/gpu.sh --space latent                      # only the latent path (or: --space pixel)
 #
-# Prints the card (nvidia-smi), then runs bench/gpu_check.py: 2D 128^2 and 3D 64^3 training
-# images/s, sampling samples/s and MFU with bf16 autocast, channels_last, and torch.compile.
+# Prints the card (nvidia-smi), then runs bench/gpu_check.py, each case with bf16 autocast,
+# channels_last and torch.compile added in turn, reporting throughput, peak GPU memory
+# (max_memory_allocated, reset per case) and MFU (FLOPs from FlopCounterMode):
+#   latent path (the gpu preset): 2D 256^2 and 3D 128^3 images -> autoencoder training images/s
+#     (2D: the preset's autoencoder; 3D: widths [32,64,64] at batch 2; also without autocast, as
+#     the autoencoder stage runs it), the denoiser's training images/s on 64^2 / 32^3 x 4 latents,
+#     and sampling samples/s end to end (10 Euler steps on latents + one decode to full size);
+#   pixel path: 2D 128^2 and 3D 64^3 training images/s and sampling samples/s.
+# Every eager case runs first (latent before pixel), the torch.compile ones last.
 # Writes $OUT/gpu_check.json (and a copy of the log) when OUT is set. Needs a Python with a CUDA
 # build of torch plus this project's dependencies (diffusers, monai, ...): $PYTHON if set, else
 # .venv/bin/python, else python3 -- the first whose torch sees a GPU. Nothing is downloaded.
-# Time: about 5-8 minutes on one H100 (GPU_CHECK_BUDGET_S, default 420 s, stops starting new
-# measurements after that; the JSON keeps everything measured before the cut).
+# Time: about 7 minutes on one H100 (GPU_CHECK_BUDGET_S, default 420 s: a case that would end
+# after it, estimated from its eager run and the longest compile so far, is skipped and listed;
+# the JSON keeps everything measured before the cut, so the later compile cases may be missing).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
