@@ -107,12 +107,39 @@ def run_pipeline(cfg: Config, layout: Layout, *, force: bool = False) -> dict[st
     timings: dict[str, float] = {}
     results: dict[str, Any] = {}
     for name in (n for n in STAGES if applies(n, cfg)):
+        if name == ("autoencoder" if applies("autoencoder", cfg) else "train"):
+            log_estimate(cfg, layout, force)
         t0 = time.time()
         results[name] = run_stage(name, cfg, layout, force=force, enforce_gate=False)
         timings[name] = round(time.time() - t0, 1)
     outcome = {"report": results["report"], "quality": results["quality"], "timings": timings}
     enforce_privacy_gate(results["quality"], report=layout.report / "report.md", outcome=outcome)
     return outcome
+
+
+def log_estimate(cfg: Config, layout: Layout, force: bool) -> None:
+    """Before the long work: the run's time from a short calibration (:mod:`raysynth.estimate`),
+    unless every generator is already trained. Never fails the run."""
+    from raysynth.artifacts import generator_complete, read_fingerprint
+    from raysynth.design import class_counts, generator_fractions, largest_ratio
+    from raysynth.diffusion.fits import fold_slots
+    from raysynth.estimate import describe, estimate_run
+    from raysynth.runtime import ensure_ray
+
+    folds = range(cfg.cv.folds * cfg.cv.repeats)
+    if not force and all(generator_complete(cfg, layout, k, p) for k in folds for p in generator_fractions(cfg)):
+        return
+    try:
+        fingerprint = read_fingerprint(layout, cfg)
+        share = (cfg.cv.folds - 1) / cfg.cv.folds  # a fold's training part
+        counts = {i: max(1, round(n * share)) for i, n in enumerate(fingerprint.get("counts", {}).values())} or {0: 1}
+        samples = sum(class_counts(cfg, counts, None, ratio=largest_ratio(cfg)).values())
+        ensure_ray(cfg)
+        estimate = estimate_run(cfg, fingerprint, slots=fold_slots(cfg), samples_per_generator=samples)
+    except Exception as exc:  # an estimate is a courtesy: say why there is none, and go on
+        log.warning("no time estimate: %s", exc)
+        return
+    log.info(describe(estimate))
 
 
 def enforce_privacy_gate(summary: dict[str, Any], report: Any = None, outcome: Optional[dict] = None) -> None:

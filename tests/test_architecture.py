@@ -1,7 +1,7 @@
 """The layering of ``raysynth/``, read from the code's own imports (module level and inside functions).
 
 Layers, low to high: base (config, io, errors, runtime, storage, console) < data < artifacts < library
-(diffusion, quality, downstream, analysis, render, design, status) < stages < pipeline and cli. A module
+(diffusion, quality, downstream, analysis, render, design, status, estimate) < stages < pipeline and cli. A module
 imports only from its own layer or below; a stage never imports another stage (it reads their
 output through ``artifacts``); the modules that run inside Ray workers and actors import no driver
 code; and no two modules import each other, directly or round a longer cycle.
@@ -20,7 +20,7 @@ LAYERS = {
     "base": 0, "data": 1, "artifacts": 2, "library": 3, "stages": 4, "top": 5,
 }
 BASE = {"config", "presets", "io", "errors", "runtime", "storage", "console", "__init__"}
-LIBRARY = {"diffusion", "quality", "downstream", "analysis", "render", "design", "status"}
+LIBRARY = {"diffusion", "quality", "downstream", "analysis", "render", "design", "status", "estimate"}
 WORKER_MODULES = {
     "raysynth.diffusion.worker", "raysynth.diffusion.sampler", "raysynth.diffusion.tune_trial",
     "raysynth.downstream.trial", "raysynth.downstream.robust_eval", "raysynth.downstream.curate",

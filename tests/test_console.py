@@ -45,6 +45,7 @@ def test_the_smoke_pipeline_console_is_short_and_free_of_ray_output(smoke_cli):
     assert "[train fold 0] step 30/30" in details and "pid=" in details  # Ray's output is kept, in the file
     assert "study: 4/4 trials done" in details  # and our per-trial lines
     assert "== autoencoder" not in text
+    assert sum("estimate from a 3-step calibration on this machine: about" in line for line in lines) == 1
 
 
 def test_progress_without_a_terminal_logs_bounded_lines(caplog):

@@ -196,10 +196,13 @@ def encode(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 32) -> tor
 
 
 @torch.no_grad()
-def decode(model: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """``D(z)`` for unscaled latents ``z (B, L, *s)``, clipped to the data range [-1, 1]."""
+def decode(model: torch.nn.Module, z: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """``D(z)`` for unscaled latents ``z (B, L, *s)``, clipped to the data range [-1, 1], in chunks
+    of ``batch_size``: a decoder's last upsampling of a whole GPU sampling batch at 256^2 can pass
+    the 2**31 elements that some CUDA kernels index with int32."""
     device = next(model.parameters()).device
-    return model.decode(z.to(device)).float().clamp(-1.0, 1.0)
+    out = [model.decode(z[i:i + batch_size].to(device)).float().clamp(-1.0, 1.0) for i in range(0, z.shape[0], batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
 
 
 def scale_factor(latents: torch.Tensor) -> float:

@@ -39,7 +39,7 @@ def reconstruction_metrics(model: torch.nn.Module, images: np.ndarray, masks: Op
 
     # 1. Reconstruct the joint tensor the autoencoder was trained on (image channels, then mask).
     x = encode_joint(torch.from_numpy(images), None if masks is None else torch.from_numpy(masks), num_mask_classes)
-    recon = torch.cat([decode(model, encode(model, x[i:i + batch_size], batch_size)) for i in range(0, len(x), batch_size)])
+    recon = decode(model, encode(model, x, batch_size), batch_size)
     n_image = images.shape[1]
     img, rec_mask = decode_joint(recon, num_mask_classes, n_image)
     real = torch.from_numpy(images).float()
