@@ -18,7 +18,6 @@ import logging
 import time
 from typing import Any, Optional
 
-
 from raysynth.artifacts import (
     AUTOENCODER_META,
     CHECKPOINT_DIR,
