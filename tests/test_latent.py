@@ -59,9 +59,10 @@ def test_fit_lowers_the_loss_and_round_trips(tmp_path):
     assert again.load_state_dict(state) == 25
 
 
-def test_adversarial_loss_trains_a_discriminator():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_adversarial_loss_trains_a_discriminator(bf16):
     cfg = SMALL.replace(adversarial_weight=0.1, train_steps=2)
-    fit = AutoencoderFit(cfg, dims=2, in_channels=1)
+    fit = AutoencoderFit(cfg, dims=2, in_channels=1, bf16=bf16)
     before = [p.detach().clone() for p in fit.discriminator.parameters()]
     x = torch.rand(4, 1, 16, 16) * 2 - 1
     for _ in range(2):  # the discriminator joins at half the steps

@@ -86,9 +86,13 @@ class AutoencoderFit:
     EXPORT = "autoencoder"
     """The folder of a checkpoint that holds the exported network."""
 
-    def __init__(self, cfg: AutoencoderConfig, *, dims: int, in_channels: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, cfg: AutoencoderConfig, *, dims: int, in_channels: int, device: torch.device | str = "cpu",
+                 bf16: Optional[bool] = None) -> None:
         self.cfg, self.dims, self.in_channels = cfg, dims, in_channels
         self.device = torch.device(device)
+        # bf16 autocast of the forward passes: on GPU by default; on CPU when asked (the generator's
+        # diffusion.cpu_bf16, which pays only where the CPU has AVX512-BF16 or AMX). Losses in fp32.
+        self.bf16 = self.device.type == "cuda" if bf16 is None else bf16
         self.model = build_autoencoder(cfg, dims=dims, in_channels=in_channels).to(self.device)
         self.trained = self.model  # what the step calls: the model itself, or its DDP wrapper
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate)
@@ -120,21 +124,24 @@ class AutoencoderFit:
         with torch.random.fork_rng(devices=devices):
             if generator is not None:
                 torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-            recon, z_mu, z_sigma = self.trained(x)
+            with self._autocast():
+                recon, z_mu, z_sigma = self.trained(x)
         loss = torch.nn.functional.l1_loss(recon.float(), x)
         if c.kl_weight:
             loss = loss + c.kl_weight * kl_divergence(z_mu.float(), z_sigma.float())
         # 3. Adversarial, from half the steps on: the decoder first learns to reconstruct.
         adversarial_on = self.discriminator is not None and self.step_count >= c.train_steps // 2
         if adversarial_on:
-            fake = self.trained_disc(recon.contiguous().float())[-1]
+            with self._autocast():
+                fake = self.trained_disc(recon.contiguous())[-1].float()
             loss = loss + c.adversarial_weight * self.adversarial(fake, target_is_real=True, for_discriminator=False)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         if adversarial_on:
-            real = self.trained_disc(x.contiguous())[-1]
-            fake = self.trained_disc(recon.detach().contiguous().float())[-1]
+            with self._autocast():
+                real = self.trained_disc(x.contiguous())[-1].float()
+                fake = self.trained_disc(recon.detach().contiguous())[-1].float()
             d_loss = 0.5 * (self.adversarial(fake, target_is_real=False, for_discriminator=True)
                             + self.adversarial(real, target_is_real=True, for_discriminator=True))
             self.d_optimizer.zero_grad(set_to_none=True)
@@ -142,6 +149,9 @@ class AutoencoderFit:
             self.d_optimizer.step()
         self.step_count += 1
         return float(loss.detach())
+
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def state_dict(self, step: int) -> dict:
         state = {"model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": step}

@@ -88,7 +88,9 @@ def autoencoder_loop_per_worker(config: dict) -> None:
     x0, labels = training_tensors(data, config["num_mask_classes"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, config["fold"], _SEED_AUTOENCODER) % 2**63)
-        fit = AutoencoderFit(a, dims=cfg.data.dims, in_channels=x0.shape[1], device=ray.train.torch.get_device())
+        device = ray.train.torch.get_device()
+        fit = AutoencoderFit(a, dims=cfg.data.dims, in_channels=x0.shape[1], device=device,
+                             bf16=device.type == "cuda" or d.cpu_bf16)
     fit_loop(fit, x0, labels, config, steps=a.train_steps, batch_size=a.batch_size, log_every=a.log_every,
              checkpoint_every=a.checkpoint_every, seed=derive_seed(cfg.seed, _SEED_AUTOENCODER), what="autoencoder")
 
