@@ -56,7 +56,7 @@ def log(message: str) -> None:
 def train_autoencoder(cfg, x0: torch.Tensor, steps: int, seed: int) -> tuple[torch.nn.Module, float]:
     """The ``autoencoder`` stage's fit (seeded batches), in process; returns the network and seconds."""
     torch.manual_seed(derive_seed(seed, 13))
-    fit = AutoencoderFit(cfg.autoencoder.replace(train_steps=steps), dims=2, in_channels=x0.shape[1],
+    fit = AutoencoderFit(cfg.autoencoder.replace(train_steps=steps), dims=x0.ndim - 2, in_channels=x0.shape[1],
                          bf16=cfg.diffusion.cpu_bf16)
     t0 = time.perf_counter()
     for step in range(steps):
