@@ -105,7 +105,8 @@ def paired_comparison(
         out["ci_low"], out["ci_high"] = mean - half, mean + half
         # 2. Effect size d_z = mean(d) / sd(d); Hedges' small-sample factor J = 1 - 3 / (4 (n - 1) - 1).
         out["cohen_dz"] = mean / sd
-        out["hedges_gz"] = (1.0 - 3.0 / (4.0 * (n - 1) - 1.0)) * mean / sd
+        # J is 0 at n = 2 (one degree of freedom), which would read as "no effect": no g_z there.
+        out["hedges_gz"] = (1.0 - 3.0 / (4.0 * (n - 1) - 1.0)) * mean / sd if n > 2 else _nan()
         # 3. Nadeau–Bengio: Var(mean d) ≈ (1/n + n_test/n_train) sd^2 instead of sd^2 / n.
         if n_train is not None:
             se_nb = corrected_se(sd, n, n_test / n_train)

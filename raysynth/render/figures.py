@@ -99,10 +99,11 @@ def save_grid(path: str | Path, images: np.ndarray, masks: Optional[np.ndarray] 
 
 
 def grid_png(images: np.ndarray, masks: Optional[np.ndarray] = None, *, title: str = "", columns: int = 8,
-             row_labels: Optional[Sequence[str]] = None) -> bytes:
+             row_labels: Optional[Sequence[str]] = None, present: Optional[Sequence[bool]] = None) -> bytes:
     """PNG bytes of a grid of images ``(N, C, H, W)`` or volumes ``(N, C, D, H, W)`` (middle slice);
     masks ``(N, *S)``. C = 3 is shown as an RGB composite, C = 1 as grey, other C as the first
-    channel (and the title says so)."""
+    channel (and the title says so). ``present[i]`` False leaves cell i empty (a row's padding:
+    a black tile would read as a failed sample)."""
     n = len(images)
     note = channel_note(images.shape[1]) if n and np.ndim(images) >= 4 else ""
     title = title + note if title else note.strip(" ()")
@@ -112,6 +113,8 @@ def grid_png(images: np.ndarray, masks: Optional[np.ndarray] = None, *, title: s
     for ax in axes.flat:
         ax.axis("off")
     for i in range(n):
+        if present is not None and not present[i]:
+            continue
         ax = axes.flat[i]
         show(ax, image_view(images[i]))
         if masks is not None:

@@ -46,6 +46,7 @@ def report_figures(report: dict) -> dict[str, bytes]:
             np.concatenate([_decode(r["images"]) for r in rows]),
             np.concatenate([_decode(m, scale=False) for m in masks]) if all(m is not None for m in masks) else None,
             columns=THUMBNAILS, row_labels=[r["label"] for r in rows],
+            present=[j < r.get("count", THUMBNAILS) for r in rows for j in range(THUMBNAILS)],
             title=f"real training images and synthetic samples of split {samples['fold']}, per class")
     if samples.get("orthogonal"):
         o = samples["orthogonal"]

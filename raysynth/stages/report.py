@@ -168,7 +168,7 @@ def _samples(cfg: Config, layout: Layout, records, splits: list[dict], class_nam
         idx = list(idx)[:THUMBNAILS]
         images = np.stack([image_view(source.images[i]) for i in idx] +
                           [image_view(blank)] * (THUMBNAILS - len(idx)))
-        out = {"label": label, "images": _encode(images), "masks": None}
+        out = {"label": label, "images": _encode(images), "masks": None, "count": len(idx)}  # the rest is padding
         if source.masks is not None:
             zero = np.zeros(images.shape[2:], np.uint8)
             masks = np.stack([middle_slice(source.masks[i]) for i in idx] + [zero] * (THUMBNAILS - len(idx)))
