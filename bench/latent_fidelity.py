@@ -83,7 +83,8 @@ def draw(model, process, labels: np.ndarray, seeds: list[int], shape: tuple, dec
     return np.concatenate(out), 1000 * (time.perf_counter() - t0) / len(seeds)
 
 
-def save_grid(path: Path, rows: dict[str, np.ndarray], labels: np.ndarray, class_names: list[str]) -> None:
+def save_grid(path: Path, rows: dict[str, tuple[np.ndarray, np.ndarray]], class_names: list[str]) -> None:
+    """One row per source of ``(images, labels)``, each tile titled with its own label."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,7 +92,7 @@ def save_grid(path: Path, rows: dict[str, np.ndarray], labels: np.ndarray, class
 
     cols = 8
     fig, axes = plt.subplots(len(rows), cols, figsize=(cols * 1.6, len(rows) * 1.75))
-    for r, (name, images) in enumerate(rows.items()):
+    for r, (name, (images, labels)) in enumerate(rows.items()):
         for c in range(cols):
             ax = axes[r, c]
             ax.imshow(images[c, 0], cmap="gray", vmin=-1, vmax=1)
@@ -170,8 +171,9 @@ def main(argv=None) -> int:
                      **{f"d_{k}": s[k] - real[k] for k in ("mean", "p5", "p95")}, "saturated": s["saturated"],
                      "train_s": train_s, "ms_per_sample": ms})
     if args.grid:
-        save_grid(args.grid, {"real test": real_test.images[:8], "latent": lat_x, "pixel": pix_x},
-                  np.concatenate([real_test.labels[:8]]), class_names)
+        shown = np.concatenate([np.flatnonzero(real_test.labels == c)[:2] for c in range(num_classes)])
+        save_grid(args.grid, {"real test": (real_test.images[shown], real_test.labels[shown]),
+                              "latent": (lat_x, sample_labels), "pixel": (pix_x, sample_labels)}, class_names)
     print(f"\nCPU: {cpu()}, torch threads {args.threads}, bf16 autocast in training: {bf16}. Data: {args.data}, fold 0 "
           f"of 3: {len(real_train)} training, {len(real_test)} test images at {size}x{size}. Latent: autoencoder "
           f"{cfg.autoencoder.channels} (factor {cfg.autoencoder.downsampling_factor}, {cfg.autoencoder.latent_channels} "
