@@ -279,9 +279,10 @@ class DiffusionConfig(_Model):
     """Folds training at once; None: as many as the cluster's current CPUs/GPUs hold. On an
     autoscaling cluster that starts from zero GPU nodes, set it to the number of GPU nodes wanted."""
     log_every: int = Field(50, ge=1)
-    cpu_bf16: bool = False
+    cpu_bf16: Literal[False, True, "auto"] = False
     """CPU workers only: the training forward under bf16 autocast (about 1.5x faster where the CPU
-    has AVX512-BF16 or AMX; slower where it has neither). Part of the generator's digest."""
+    has AVX512-BF16 or AMX; slower where it has neither). ``auto``: on where the CPU running the
+    worker has them (``runtime.use_cpu_bf16``). Part of the generator's digest."""
 
     @field_validator("channels")
     @classmethod
@@ -387,8 +388,8 @@ class SamplingConfig(_Model):
     (``synthetic/fold_k/curation.json``); null: keep every sample."""
     write_nifti: bool = True
     """3D only: also write one .nii.gz per sample (2D writes Parquet only)."""
-    cpu_bf16: bool = False
-    """CPU actors only: the denoiser under bf16 autocast (about 2x faster where the CPU has
+    cpu_bf16: Literal[False, True, "auto"] = False
+    """CPU actors only (``auto``: where the CPU has native bf16): the denoiser under bf16 autocast (about 2x faster where the CPU has
     AVX512-BF16 or AMX). Samples move slightly from fp32 ones, so it is part of the sampling digest."""
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ import torch
 from raysynth.config import Config
 from raysynth.design import generator_fractions
 from raysynth.diffusion.channels import num_channels
+from raysynth.runtime import use_cpu_bf16
 
 CALIBRATION_STEPS = 3
 
@@ -58,7 +59,7 @@ def estimate_run(cfg: Config, fingerprint: dict, *, slots: int, samples_per_gene
         if d.space == "latent":
             from raysynth.diffusion.autoencoder import AutoencoderFit, latent_side
 
-            ae = AutoencoderFit(a, dims=dims, in_channels=channels, bf16=d.cpu_bf16)
+            ae = AutoencoderFit(a, dims=dims, in_channels=channels, bf16=use_cpu_bf16(d.cpu_bf16))
             x = torch.rand((a.batch_size, channels) + (size,) * dims) * 2 - 1
             ae_step = _seconds_per_call(lambda: ae.step(x, None, generator=g))
             out["autoencoder"] = {"seconds_per_step": ae_step, "seconds": waves * a.train_steps * ae_step}

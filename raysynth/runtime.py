@@ -108,6 +108,25 @@ def set_threads(num_cpus: float | int) -> None:
     torch.set_num_threads(n)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16) and PyTorch uses its
+    AVX-512 kernels (``ATEN_CPU_CAPABILITY=avx2`` turns them off, and with them the gain). Read
+    from the flags Linux reports; False where there are none to read."""
+    import torch
+
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return False
+    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
+    return bool(flags & {"avx512_bf16", "amx_bf16"}) and capability.startswith(("AVX512", "AMX"))
+
+
+def use_cpu_bf16(setting: bool | str) -> bool:
+    """``diffusion.cpu_bf16`` / ``sampling.cpu_bf16`` resolved on this machine: ``auto`` detects."""
+    return cpu_has_native_bf16() if setting == "auto" else bool(setting)
+
+
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integer parts; stable across processes, Python versions and machines."""
     import numpy as np

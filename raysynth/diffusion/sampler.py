@@ -21,7 +21,7 @@ from raysynth.data.schema import SYNTHETIC_SCHEMA, ImageSet, checksum, write_par
 from raysynth.diffusion.channels import decode_joint
 from raysynth.diffusion.autoencoder import decode
 from raysynth.diffusion.checkpoint import load_decoder, load_generator
-from raysynth.runtime import derive_seed, set_threads
+from raysynth.runtime import derive_seed, set_threads, use_cpu_bf16
 
 
 def sample_seed(base: int, fold: int, label: int, index: int) -> int:
@@ -50,7 +50,7 @@ class ShardSampler:
         self.layout = Layout.at(root)
         self.device = "cuda" if torch.cuda.is_available() and self.cfg.sampling.gpus_per_actor > 0 else "cpu"
         # bf16 autocast: always on GPU, on CPU when asked (sampling.cpu_bf16; part of the sampling digest).
-        self.bf16 = self.device == "cuda" or self.cfg.sampling.cpu_bf16
+        self.bf16 = self.device == "cuda" or use_cpu_bf16(self.cfg.sampling.cpu_bf16)
         self._loaded: OrderedDict[tuple[int, float], tuple[Any, Any, dict, Any]] = OrderedDict()
         self.fold: Optional[int] = None
         if fold is not None:

@@ -18,6 +18,7 @@ from raysynth.data.schema import ImageSet
 from raysynth.diffusion.channels import encode_joint
 from raysynth.diffusion.networks import build_denoiser
 from raysynth.diffusion.process import build_process
+from raysynth.runtime import use_cpu_bf16
 
 
 def training_tensors(data: ImageSet, num_mask_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +57,7 @@ class GeneratorFit:
         self.trained = self.model  # what the step calls: the model itself, or its DDP wrapper
         # bf16 autocast: always on GPU; on CPU only when asked (diffusion.cpu_bf16), since it pays
         # only where the CPU has bf16 instructions (AVX512-BF16, AMX) and moves the weights.
-        self.bf16 = self.device.type == "cuda" or (self.device.type == "cpu" and cfg.cpu_bf16)
+        self.bf16 = self.device.type == "cuda" or (self.device.type == "cpu" and use_cpu_bf16(cfg.cpu_bf16))
 
     @property
     def raw_model(self):

@@ -25,7 +25,7 @@ from raysynth.config import from_dict
 from raysynth.console import post
 from raysynth.data.schema import read_parquet
 from raysynth.diffusion.trainer import GeneratorFit, training_tensors
-from raysynth.runtime import derive_seed, set_threads
+from raysynth.runtime import derive_seed, set_threads, use_cpu_bf16
 
 
 def _quiet_report_log() -> None:
@@ -90,7 +90,7 @@ def autoencoder_loop_per_worker(config: dict) -> None:
         torch.manual_seed(derive_seed(cfg.seed, config["fold"], _SEED_AUTOENCODER) % 2**63)
         device = ray.train.torch.get_device()
         fit = AutoencoderFit(a, dims=cfg.data.dims, in_channels=x0.shape[1], device=device,
-                             bf16=device.type == "cuda" or d.cpu_bf16)
+                             bf16=device.type == "cuda" or use_cpu_bf16(d.cpu_bf16))
     fit_loop(fit, x0, labels, config, steps=a.train_steps, batch_size=a.batch_size, log_every=a.log_every,
              checkpoint_every=a.checkpoint_every, seed=derive_seed(cfg.seed, _SEED_AUTOENCODER), what="autoencoder")
 

@@ -54,7 +54,7 @@ from raysynth.diffusion.sampler import ShardSampler
 from raysynth.downstream.curate import curate_generator
 from raysynth.io import write_json
 from raysynth.render.figures import save_grid
-from raysynth.runtime import ensure_ray
+from raysynth.runtime import ensure_ray, use_cpu_bf16
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def _run_requests(cfg: Config, layout: Layout, requests: list[dict]) -> None:
         log.debug("sample: fold %s: %d samples to write", name, n)
     total = sum(totals.values())
     log.info("sample: %d samples in %d shards from %d generator(s) (%s, %d steps%s), %d-%d actors",
-             total, len(requests), len(totals), s.sampler, s.steps, ", CPU bf16" if s.cpu_bf16 else "",
+             total, len(requests), len(totals), s.sampler, s.steps, ", CPU bf16" if use_cpu_bf16(s.cpu_bf16) else "",
              s.min_actors, s.max_actors)
     ds = ray.data.from_items(requests, override_num_blocks=len(requests)).map_batches(
         ShardSampler,
