@@ -33,17 +33,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from objectives import stats  # noqa: E402  (intensity statistics, as the objectives bench reports them)
+from objectives import Yardstick  # noqa: E402  (fold 0's scoring kit, as the objectives bench scores)
 from real_study import SHARED, cpu  # noqa: E402  (bench helpers: the shared data folder, the CPU line)
 from samplers import train_generator  # noqa: E402  (the same seeded training loop)
 
 from raysynth.artifacts import Layout, read_prepared  # noqa: E402
 from raysynth.config import load_config  # noqa: E402
 from raysynth.diffusion.autoencoder import AutoencoderFit, decode, encode, scale_factor  # noqa: E402
-from raysynth.diffusion.trainer import training_tensors  # noqa: E402
-from raysynth.diffusion.tune_trial import COVARIANCE  # noqa: E402  (the quality stage's covariance)
-from raysynth.quality.features import train_encoder  # noqa: E402
-from raysynth.quality.metrics import frechet_distance  # noqa: E402
 from raysynth.quality.reconstruction import reconstruction_metrics  # noqa: E402
 from raysynth.runtime import derive_seed  # noqa: E402
 from raysynth.stages.prepare import prepare  # noqa: E402
@@ -131,20 +127,11 @@ def main(argv=None) -> int:
     layout = Layout.at(scratch.name)
     prepare(cfg, layout)
     records, fingerprint, splits = read_prepared(layout, cfg)
-    fold = splits[0]
-    real_train, real_test = records.subset_ids(fold["train"]), records.subset_ids(fold["test"])
-    x0, labels = training_tensors(real_train, 0)
-    num_classes, class_names = int(fingerprint["num_classes"]), list(fingerprint["class_names"])
+    y = Yardstick(cfg, records, fingerprint, splits[0], args.samples)
+    real_train, real_test, x0, labels, num_classes = y.real_train, y.real_test, y.x0, y.labels, y.num_classes
+    class_names = list(fingerprint["class_names"])
     log(f"fold 0: {len(real_train)} training, {len(real_test)} test images at {size}x{size}")
-    encoder = train_encoder(real_train.images, real_train.labels, 2, cfg.quality.feature_dim,
-                            cfg.quality.encoder_epochs, cfg.seed)
-    test_f = encoder.features(real_test.images)
-    reference_fd = frechet_distance(test_f, encoder.features(real_train.images), covariance=COVARIANCE)
-    test_acc = encoder.accuracy(real_test.images, real_test.labels)
-    real = stats(real_test.images)
-    n = args.samples
-    sample_labels = np.arange(n) % num_classes
-    seeds = [derive_seed(cfg.seed, 3, j) % 2**63 for j in range(n)]
+    reference_fd, test_acc, real, n, sample_labels, seeds = y.reference_fd, y.test_acc, y.real, y.n, y.labels_drawn, y.seeds
 
     # 1. Latent: the autoencoder, its scaled latents, the denoiser on them.
     log(f"latent: autoencoder {cfg.autoencoder.channels}, {args.ae_steps} steps of batch {cfg.autoencoder.batch_size}")
@@ -165,11 +152,7 @@ def main(argv=None) -> int:
 
     rows = []
     for name, x, ms, train_s in (("latent", lat_x, lat_ms, budget), ("pixel", pix_x, pix_ms, pix_s)):
-        s = stats(x)
-        rows.append({"path": name, "fd_ratio": frechet_distance(test_f, encoder.features(x), covariance=COVARIANCE)
-                     / reference_fd, "label_fidelity": encoder.accuracy(x, sample_labels) / test_acc,
-                     **{f"d_{k}": s[k] - real[k] for k in ("mean", "p5", "p95")}, "saturated": s["saturated"],
-                     "train_s": train_s, "ms_per_sample": ms})
+        rows.append({"path": name, **y.score(x), "train_s": train_s, "ms_per_sample": ms})
     if args.grid:
         shown = np.concatenate([np.flatnonzero(real_test.labels == c)[:2] for c in range(num_classes)])
         save_grid(args.grid, {"real test": (real_test.images[shown], real_test.labels[shown]),

@@ -69,6 +69,35 @@ def stats(images: np.ndarray) -> dict:
             "saturated": float(np.mean(np.abs(flat) >= 0.99))}
 
 
+class Yardstick:
+    """Fold ``split``'s scoring kit, shared by the fidelity benches: the real parts, the quality
+    stage's encoder fitted on the training part, FD(real training, real test) as the unit, the
+    encoder's test accuracy, the real test intensities, and ``n`` seeded draws (classes in turn)."""
+
+    def __init__(self, cfg, records, fingerprint, split: dict, n: int) -> None:
+        self.real_train, self.real_test = records.subset_ids(split["train"]), records.subset_ids(split["test"])
+        self.x0, self.labels = training_tensors(self.real_train, 0)
+        self.num_classes = int(fingerprint["num_classes"])
+        self.encoder = train_encoder(self.real_train.images, self.real_train.labels, 2, cfg.quality.feature_dim,
+                                     cfg.quality.encoder_epochs, cfg.seed)
+        self.test_f = self.encoder.features(self.real_test.images)
+        self.reference_fd = frechet_distance(self.test_f, self.encoder.features(self.real_train.images),
+                                             covariance=COVARIANCE)
+        self.test_acc = self.encoder.accuracy(self.real_test.images, self.real_test.labels)
+        self.real = stats(self.real_test.images)
+        self.n = n
+        self.labels_drawn = np.arange(n) % self.num_classes
+        self.seeds = [derive_seed(cfg.seed, 3, j) % 2**63 for j in range(n)]
+
+    def score(self, x: np.ndarray) -> dict:
+        """FD ratio, label fidelity, intensity differences and saturation of samples ``x`` drawn
+        with :attr:`labels_drawn`."""
+        s = stats(x)
+        return {"fd_ratio": frechet_distance(self.test_f, self.encoder.features(x), covariance=COVARIANCE) / self.reference_fd,
+                "label_fidelity": self.encoder.accuracy(x, self.labels_drawn) / self.test_acc,
+                **{f"d_{k}": s[k] - self.real[k] for k in ("mean", "p5", "p95")}, "saturated": s["saturated"]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(SHARED / "brain-tumor-mri-4class" / "Training"))
@@ -89,19 +118,9 @@ def main(argv=None) -> int:
     layout = Layout.at(scratch.name)
     prepare(cfg, layout)
     records, fingerprint, splits = read_prepared(layout, cfg)
-    fold = splits[0]
-    real_train, real_test = records.subset_ids(fold["train"]), records.subset_ids(fold["test"])
-    x0, labels = training_tensors(real_train, 0)
-    num_classes = int(fingerprint["num_classes"])
-    encoder = train_encoder(real_train.images, real_train.labels, 2, cfg.quality.feature_dim,
-                            cfg.quality.encoder_epochs, cfg.seed)
-    test_f = encoder.features(real_test.images)
-    reference_fd = frechet_distance(test_f, encoder.features(real_train.images), covariance=COVARIANCE)
-    test_acc = encoder.accuracy(real_test.images, real_test.labels)
-    real = stats(real_test.images)
-    n = args.samples
-    sample_labels = np.arange(n) % num_classes
-    seeds = [derive_seed(cfg.seed, 3, j) % 2**63 for j in range(n)]
+    y = Yardstick(cfg, records, fingerprint, splits[0], args.samples)
+    real_train, real_test, x0, labels, num_classes = y.real_train, y.real_test, y.x0, y.labels, y.num_classes
+    reference_fd, test_acc, real, n, sample_labels, seeds = y.reference_fd, y.test_acc, y.real, y.n, y.labels_drawn, y.seeds
     rows = []
     for name, (overrides, grid) in VARIANTS.items():
         log(f"training {name}: {args.steps} steps on {len(real_train)} images")
@@ -112,13 +131,9 @@ def main(argv=None) -> int:
             with torch.inference_mode():
                 x = process.sample(model, torch.as_tensor(sample_labels), tuple(x0.shape[1:]), sampler, steps, gens,
                                    guidance_scale=w).numpy()
-            s = stats(x)
             row = {"objective": name, "sampler": sampler, "steps": steps, "guidance": w,
                    "nfe": len(process.make_scheduler(sampler, steps).timesteps) * (1 if w == 1.0 else 2),
-                   "fd_ratio": frechet_distance(test_f, encoder.features(x), covariance=COVARIANCE) / reference_fd,
-                   "label_fidelity": encoder.accuracy(x, sample_labels) / test_acc,
-                   **{f"d_{k}": s[k] - real[k] for k in ("mean", "p5", "p95")}, "saturated": s["saturated"],
-                   "train_s": train_s, "sample_ms": 1000 * (time.perf_counter() - t0) / n}
+                   **y.score(x), "train_s": train_s, "sample_ms": 1000 * (time.perf_counter() - t0) / n}
             rows.append(row)
             log(f"  {sampler} {steps} w={w}: FD ratio {row['fd_ratio']:.2f}, label fidelity {row['label_fidelity']:.2f}, "
                 f"d mean {row['d_mean']:+.3f}, saturated {row['saturated']:.3f}")
