@@ -16,8 +16,8 @@ error raysynth gave, and nothing is retried or tuned:
    sequences (skipped with ``data.bad_files=skip``); the BraTS case has no mask (a one-line error).
 3. The same on a folder of links to the two masked glioma cases only (what a user would assemble):
    the 4-channel 3D segmentation pipeline, end to end (prepare -> train -> sample -> quality ->
-   study -> report) at the smoke size, 2 folds of 1 patient each. A does-it-run check: one training
-   volume per fold says nothing about Dice.
+   study -> report) at the smoke size, 2 folds of 1 patient each, at the smoke ratio 0.5 and at 2. A
+   does-it-run check: one training volume per fold says nothing about Dice.
 4. 2D slices of the 4-channel glioma volumes (``data.dims=2``, 8 axial slices per volume).
 
 The data is read in place (links, never copies); outputs go to ``--out`` (default /tmp).
@@ -100,6 +100,8 @@ def main() -> None:
         attempt("3d_grey_classification_all", data, out, ["data.dims=3"]),
         attempt("3d_4ch_segmentation_all_skip", data, out, [*seg, "data.bad_files=skip"]),
         attempt("3d_4ch_segmentation_glioma_pipeline", glioma, out, seg, stages=STAGES),
+        # One training volume per fold: the smoke ratio 0.5 x 1 rounds to no synthetic sample.
+        attempt("3d_4ch_segmentation_glioma_pipeline_ratio2", glioma, out, [*seg, "sampling.ratio=2"], stages=STAGES),
         attempt("2d_slices_4ch_segmentation_glioma", glioma, out,
                 ["data.dims=2", "data.task=segmentation", f"data.channels={SEQUENCES}", "data.slices_per_volume=8",
                  "data.image_size=32"]),

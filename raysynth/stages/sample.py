@@ -115,6 +115,10 @@ def sample_synthetic(
             for rid in subsets[k][p]:
                 real_counts[labels_by_id[rid]] += 1
             counts = class_counts(cfg, real_counts, num_samples, ratio=largest_ratio(cfg) * oversample)
+            if not sum(counts.values()) and num_samples is None and cfg.sampling.num_samples is None:
+                log.warning("sample: fold %s gets no synthetic sample: ratio %g x its real training counts %s "
+                            "rounds to 0; raise sampling.ratio (study.ratios) or set sampling.num_samples", name,
+                            largest_ratio(cfg) * oversample, real_counts)
             todo = plan_requests(counts, existing_shards(out), cfg.sampling.shard_size)
             named_counts = {fingerprint["class_names"][c]: n for c, n in counts.items()}
             if not todo and old is not None and not stale and not force and old.get("counts") == named_counts:
