@@ -80,7 +80,7 @@ def assess_quality(cfg: Config, layout: Layout, force: bool = False) -> dict[str
     manifests = {int(f["fold"]): read_manifest(layout, int(f["fold"]), cfg=cfg) for f in folds}
     ready = [f for f in folds if manifests[int(f["fold"])] and manifests[int(f["fold"])]["shards"]]
     if not ready:
-        if manifests and all(m is not None and not m.get("num_samples") for m in manifests.values()):
+        if manifests and all(m is not None and m.get("num_samples") == 0 for m in manifests.values()):
             raise StageError("quality: every synthetic set is empty: sampling.ratio x the real training counts "
                              "rounds to 0 samples; raise sampling.ratio (study.ratios) or set sampling.num_samples")
         raise StageError(f"quality: no synthetic shards (part-*.parquet) under {layout.root / 'synthetic'}; "
