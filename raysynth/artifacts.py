@@ -272,6 +272,12 @@ def prepared_outdated(layout: Layout, cfg: Config, signature: Optional[str]) -> 
     return None
 
 
+def mask_classes(cfg: Config, fingerprint: dict) -> int:
+    """Mask classes a generator draws with its images (background included): the fingerprint's for
+    segmentation, 0 for classification (whose masks, if any, do not travel)."""
+    return int(fingerprint.get("num_mask_classes") or 0) if cfg.data.task == "segmentation" else 0
+
+
 def read_splits(layout: Layout, cfg: Config) -> list[dict]:
     """The folds of ``splits.json``; its digest is the fingerprint's (prepare writes both at once)."""
     read_fingerprint(layout, cfg)

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import torch
 
+from raysynth.artifacts import mask_classes
 from raysynth.config import Config
 from raysynth.design import generator_fractions
 from raysynth.diffusion.channels import num_channels
@@ -48,7 +49,7 @@ def estimate_run(cfg: Config, fingerprint: dict, *, slots: int, samples_per_gene
     from raysynth.diffusion.trainer import GeneratorFit
 
     d, a = cfg.diffusion, cfg.autoencoder
-    n_mask = int(fingerprint.get("num_mask_classes") or 0) if cfg.data.task == "segmentation" else 0
+    n_mask = mask_classes(cfg, fingerprint)
     channels = num_channels(n_mask, int(fingerprint["shape"][0]))
     size, dims = cfg.data.image_size, cfg.data.dims
     fits = len(generator_fractions(cfg)) * cfg.cv.folds * cfg.cv.repeats

@@ -27,6 +27,7 @@ from raysynth.artifacts import (
     autoencoder_complete,
     autoencoder_digest,
     fraction_tag,
+    mask_classes,
     read_prepared,
 )
 from raysynth.config import Config, from_dict
@@ -69,7 +70,7 @@ def _fit_fold(cfg_dict: dict, root: str, job: dict, fingerprint: dict) -> None:
     cfg = from_dict(cfg_dict)
     layout = Layout.at(root)
     fold, fraction, name, train_ids, test_ids = job["fold"], job["fraction"], job["name"], job["train_ids"], job["test_ids"]
-    n_mask = int(fingerprint.get("num_mask_classes") or 0) if cfg.data.task == "segmentation" else 0
+    n_mask = mask_classes(cfg, fingerprint)
     t0 = time.time()
     result = ray_train_fit(cfg, autoencoder_loop_per_worker, {
         "cfg": cfg_dict, "fold": fold, "name": name, "data_path": str(layout.data_parquet),

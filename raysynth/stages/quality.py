@@ -21,6 +21,7 @@ from raysynth.artifacts import (
     Layout,
     generator_meta,
     generator_train_ids,
+    mask_classes,
     quality_digest,
     quality_outdated,
     read_autoencoder,
@@ -151,7 +152,7 @@ def _reconstruction(cfg: Config, layout: Layout, real: ImageSet, fingerprint: di
     fold = int(entry["fold"])
     model = load_autoencoder(read_autoencoder(layout, cfg, fold)["path"])
     test = real.subset_ids(list(entry["test"]))
-    n_mask = int(fingerprint.get("num_mask_classes") or 0) if cfg.data.task == "segmentation" else 0
+    n_mask = mask_classes(cfg, fingerprint)
     metrics = reconstruction_metrics(model, test.images, test.masks if n_mask else None, n_mask)
     logger.info("quality: fold %d: autoencoder on the real test part: PSNR %.2f dB, SSIM %.3f", fold,
                 metrics["psnr"], metrics["ssim"])

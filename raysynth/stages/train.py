@@ -34,6 +34,7 @@ from raysynth.artifacts import (
     fraction_tag,
     generator_complete,
     generator_digest,
+    mask_classes,
     read_autoencoder,
     read_prepared,
 )
@@ -127,8 +128,4 @@ def _fit_fold(cfg_dict: dict, root: str, job: dict, fingerprint: dict) -> None:
               history[-1]["loss_ema"] if history else float("nan"))
 
 
-def mask_classes(cfg: Config, fingerprint: dict) -> int:
-    return int(fingerprint.get("num_mask_classes") or 0) if cfg.data.task == "segmentation" else 0
-
-
-__all__ = ["train_generators", "fold_jobs", "fold_slots", "run_name", "mask_classes"]
+__all__ = ["train_generators", "fold_jobs", "fold_slots", "run_name"]

@@ -31,7 +31,7 @@ import ray.tune as tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from raysynth.artifacts import TUNE_FILES, TUNE_JSON, Layout, read_json, read_prepared
+from raysynth.artifacts import TUNE_FILES, TUNE_JSON, Layout, mask_classes, read_json, read_prepared
 from raysynth.config import Config, ConfigError, TuningConfig
 from raysynth.console import Progress
 from raysynth.design import generator_train_ids, largest_remainder
@@ -188,7 +188,7 @@ def search(cfg: Config, layout: Layout, *, settings: Optional[dict] = None, forc
     if set(val_ids) & (set(gen_ids) | set(fold["test"])):  # a bug in the split, never expected
         raise StageError("tune: validation ids overlap the generator-training or test ids")
     gen, val = part.subset_ids(gen_ids), part.subset_ids(val_ids)
-    n_mask = int(fingerprint.get("num_mask_classes") or 0) if cfg.data.task == "segmentation" else 0
+    n_mask = mask_classes(cfg, fingerprint)
     x0, labels = training_tensors(gen, n_mask)
 
     # 2. The encoder, fitted once on the generator-training part, and the real-vs-real scale.
